@@ -1,0 +1,13 @@
+"""rtmdet.ops: the public ops (API.md). Every op takes backend="auto"|"torch"|"triton"|"cpp"|"cuda"."""
+from ._backend import available_backends, backend_info
+from ._checks import set_value_checks, value_checks
+from .dsla import DSLAssignment, dsl_assign, dsl_assign_ref, dsl_cost_ref
+from .geometry import bbox2distance, box_iou, distance2bbox, grid_priors
+from .losses import giou_loss, giou_loss_ref, quality_focal_loss, quality_focal_loss_ref
+
+__all__ = [
+    "available_backends", "backend_info", "set_value_checks", "value_checks",
+    "box_iou", "distance2bbox", "bbox2distance", "grid_priors",
+    "DSLAssignment", "dsl_assign", "dsl_assign_ref", "dsl_cost_ref",
+    "quality_focal_loss", "quality_focal_loss_ref", "giou_loss", "giou_loss_ref",
+]
