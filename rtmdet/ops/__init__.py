@@ -3,6 +3,7 @@ from ._backend import available_backends, backend_info
 from ._checks import set_value_checks, value_checks
 from .dsla import DSLAssignment, dsl_assign, dsl_assign_ref, dsl_cost_ref
 from .geometry import bbox2distance, box_iou, distance2bbox, grid_priors
+from .nms import batched_nms, nms, nms_ref
 from .losses import giou_loss, giou_loss_ref, quality_focal_loss, quality_focal_loss_ref
 
 __all__ = [
@@ -10,4 +11,5 @@ __all__ = [
     "box_iou", "distance2bbox", "bbox2distance", "grid_priors",
     "DSLAssignment", "dsl_assign", "dsl_assign_ref", "dsl_cost_ref",
     "quality_focal_loss", "quality_focal_loss_ref", "giou_loss", "giou_loss_ref",
+    "nms", "batched_nms", "nms_ref",
 ]
