@@ -27,7 +27,7 @@ def native_extensions():
         print("rtmdet: torch is not importable at build time, building no native ops")
         return [], {}
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fopenmp"] if os.name != "nt" else ["/O2"]
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"] if os.name != "nt" else ["/O2"]
     extra = {"cxx": cxx}
     macros = []
     ext_cls = cpp_extension.CppExtension
@@ -65,7 +65,7 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "scipy"],
         "train": ["pycocotools", "pillow", "matplotlib"],
-        "triton": ["triton>=3.2"],
+        "triton": ["triton==3.6.0"],
     },
     entry_points={"console_scripts": ["rtmdet=rtmdet.cli:main"]},
 )

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One device call: set up, build, run the GPU tests and the benchmarks, logs under $OUT.
+# Usage (on the device, from the repo root): bash benches/gpu_run.sh [setup] [test] [dsla] [losses] [step] [cpp]
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+stages=" $* "
+log() { echo "=== $(date +%H:%M:%S) $*" | tee -a "$OUT/summary.txt"; }
+
+if [[ -d .whl ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+if [[ $stages == *" setup "* ]]; then
+  log "setup"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/summary.txt"
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/summary.txt"
+  start=$(date +%s)
+  MAX_JOBS=16 python3 -m pip install -e . --no-deps --no-build-isolation > "$OUT/build.log" 2>&1 || { log "BUILD FAILED"; tail -40 "$OUT/build.log"; }
+  log "build took $(( $(date +%s) - start )) s"; grep -E "^rtmdet:" "$OUT/build.log" | tee -a "$OUT/summary.txt"
+  python3 -c "import rtmdet, json; print(json.dumps(rtmdet.ops.backend_info()))" | tee -a "$OUT/summary.txt"
+fi
+if [[ $stages == *" test "* ]]; then
+  log "gpu tests"
+  timeout 400 python3 -m pytest -q -m gpu -x -p no:cacheprovider --durations=10 tests > "$OUT/test_gpu.log" 2>&1
+  log "gpu tests rc=$?"; tail -25 "$OUT/test_gpu.log" | tee -a "$OUT/summary.txt"
+fi
+for b in dsla losses; do
+  if [[ $stages == *" $b "* ]]; then
+    log "bench $b"
+    timeout 300 python3 benches/bench_$b.py --out "$OUT" > "$OUT/bench_$b.log" 2>&1
+    log "bench $b rc=$?"; tail -30 "$OUT/bench_$b.log" | tee -a "$OUT/summary.txt"
+  fi
+done
+if [[ $stages == *" step "* ]]; then
+  log "bench train step"
+  timeout 400 python3 benches/bench_train_step.py --out "$OUT" > "$OUT/bench_step.log" 2>&1
+  log "bench step rc=$?"; tail -30 "$OUT/bench_step.log" | tee -a "$OUT/summary.txt"
+fi
+log "done"
