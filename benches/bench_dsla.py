@@ -1,0 +1,171 @@
+"""Benchmark the Dynamic Soft Label Assigner: fused Triton vs the PyTorch reference (eager and
+torch.compile), with peak extra memory and the logits-read floor.
+
+    python benches/bench_dsla.py --out DIR [--quick]
+
+Inputs are realistic (tests/cases.py: gts of random sizes, predictions near priors and gts),
+rotated among several sets whose total size exceeds L2. Value checks are off
+(`rtmdet.ops.set_value_checks(False)`) and the backends are called directly, so no host
+synchronisation is timed. Writes DIR/bench_dsla.json and DIR/bench_dsla.md.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from rtmdet import ops  # noqa: E402
+from rtmdet.kernels.dsla import dsl_assign_triton  # noqa: E402
+from rtmdet.ops.dsla import dsl_assign_ref  # noqa: E402
+from tests.cases import case_args, make_case  # noqa: E402
+
+CONFIGS = [  # name, B, image (h, w), G, logits dtype
+    ("B64 N8400 G32 fp32", 64, (640, 640), 32, torch.float32),
+    ("B64 N8400 G32 fp16", 64, (640, 640), 32, torch.float16),
+    ("B64 N8400 G32 bf16", 64, (640, 640), 32, torch.bfloat16),
+    ("B16 N8400 G500 fp32", 16, (640, 640), 500, torch.float32),
+    ("B4 N21504 G1000 fp32", 4, (1024, 1024), 1000, torch.float32),
+]
+TARGETS = {"B64 N8400 G32 fp32": (0.30, 32), "B16 N8400 G500 fp32": (1.0, None),
+           "B4 N21504 G1000 fp32": (1.0, 64)}
+
+
+def copy_bandwidth():
+    """Device-to-device copy bandwidth in bytes/s (read + write) of a 1 GiB buffer."""
+    src = torch.empty(1 << 28, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+def input_sets(B, img, G, dtype, C=80):
+    """>= 3 input sets, more if needed to exceed 2x the L2 cache (60 MB assumed if unknown)."""
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 60 << 20)
+    sets = []
+    while len(sets) < 3 or sum(t.numel() * t.element_size() for s in sets for t in s) < 2 * l2:
+        case = make_case(100 + len(sets), B=B, img_size=img, G=G, C=C, dtype=dtype,
+                         kind="random", pad="end", device="cuda")
+        sets.append(case_args(case))
+    return sets
+
+
+def bench(fn, sets):
+    """Median ms over do_bench, rotating input sets between calls."""
+    i = [0]
+
+    def step():
+        fn(*sets[i[0] % len(sets)])
+        i[0] += 1
+    return triton.testing.do_bench(step, warmup=50, rep=300, return_mode="median")
+
+
+def extra_memory_mb(fn, args):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = fn(*args)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del out
+    return peak / 2 ** 20
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--quick", action="store_true", help="only the first config")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    opts = parser.parse_args()
+    os.makedirs(opts.out, exist_ok=True)
+    ops.set_value_checks(False)
+    gpu = torch.cuda.get_device_name(0)
+    header = f"GPU {gpu}, torch {torch.__version__}, triton {triton.__version__}"
+    print(header)
+    print("value checks off; backends called directly (no host sync in the timed region)")
+    bw = copy_bandwidth()
+    print(f"device copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
+
+    triton_fn = lambda *a: dsl_assign_triton(*a, topk=13, semantics="mmdet")  # noqa: E731
+    ref_fn = lambda *a: dsl_assign_ref(*a, topk=13, semantics="mmdet")  # noqa: E731
+    compiled = torch.compile(dsl_assign_ref, dynamic=False)
+    comp_fn = lambda *a: compiled(*a, topk=13, semantics="mmdet")  # noqa: E731
+
+    rows = []
+    for name, B, img, G, dtype in CONFIGS[:1] if opts.quick else CONFIGS:
+        sets = input_sets(B, img, G, dtype)
+        N, C = sets[0][2].shape[1:]
+        floor_ms = B * N * C * sets[0][2].element_size() / bw * 1e3  # bytes read once at copy rate
+        row = dict(config=name, B=B, N=N, G=G, C=C, dtype=str(dtype).replace("torch.", ""),
+                   floor_ms=floor_ms, input_sets=len(sets))
+        for label, fn in (("triton", triton_fn), ("torch", ref_fn), ("compile", comp_fn)):
+            if label == "compile" and opts.no_compile:
+                row[label] = dict(skipped="--no-compile")
+                continue
+            try:
+                t0 = time.time()
+                fn(*sets[0])  # compile / warm up
+                torch.cuda.synchronize()
+                warm_s = time.time() - t0
+                ms = bench(fn, sets)
+                mb = extra_memory_mb(fn, sets[0])
+                row[label] = dict(ms=ms, extra_mb=mb, first_call_s=warm_s)
+            except torch.cuda.OutOfMemoryError as e:
+                torch.cuda.empty_cache()
+                row[label] = dict(skipped=f"out of memory: {str(e).splitlines()[0]}")
+            except Exception as e:  # report and go on with the other baselines
+                torch.cuda.empty_cache()
+                row[label] = dict(skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        rows.append(row)
+        print_row(row)
+        del sets
+        torch.cuda.empty_cache()
+
+    md = [header, "", "value checks off; no host sync timed; median of do_bench, inputs rotated",
+          "", "| config | triton ms | torch ms | compile ms | vs compile | floor ms | of floor "
+          "| triton MB | torch MB | compile MB | target |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(md_row(r))
+    with open(os.path.join(opts.out, "bench_dsla.json"), "w") as f:
+        json.dump(dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__,
+                       copy_bandwidth_gbs=bw / 1e9, rows=rows), f, indent=1)
+    with open(os.path.join(opts.out, "bench_dsla.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+def _ms(r, k):
+    return r[k]["ms"] if "ms" in r.get(k, {}) else None
+
+
+def _fmt(x, spec=".3f"):
+    return "-" if x is None else format(x, spec)
+
+
+def md_row(r):
+    t, e, c = _ms(r, "triton"), _ms(r, "torch"), _ms(r, "compile")
+    mb = [r[k].get("extra_mb") for k in ("triton", "torch", "compile")]
+    target = TARGETS.get(r["config"])
+    tgt = "-"
+    if target and t is not None:
+        ok = t <= target[0] and (target[1] is None or mb[0] <= target[1])
+        tgt = f"{'OK' if ok else 'MISS'} (<= {target[0]} ms" + (f", {target[1]} MB)" if target[1] else ")")
+    return (f"| {r['config']} | {_fmt(t)} | {_fmt(e)} | {_fmt(c)} | "
+            f"{_fmt(c / t if c and t else None, '.1f')}x | {_fmt(r['floor_ms'])} | "
+            f"{_fmt(r['floor_ms'] / t if t else None, '.0%')} | "
+            + " | ".join(_fmt(m, ".1f") for m in mb) + f" | {tgt} |")
+
+
+def print_row(r):
+    print(md_row(r))
+    for k in ("triton", "torch", "compile"):
+        if "skipped" in r.get(k, {}):
+            print(f"  {k} skipped: {r[k]['skipped']}")
+
+
+if __name__ == "__main__":
+    main()
