@@ -15,16 +15,23 @@ import torch
 BACKENDS = ("auto", "torch", "triton", "cpp", "cuda")
 
 
-@functools.lru_cache(maxsize=None)
 def native_module():
     """The compiled extension `rtmdet._C`, or None with the reason in `native_error()`."""
-    try:
-        return importlib.import_module("rtmdet._C")
-    except Exception as exc:  # a missing or broken build must never break `import rtmdet`
-        _native_error.append(f"{type(exc).__name__}: {exc}")
-        return None
+    # Cached in plain globals (not functools.lru_cache) so torch.compile reads the result
+    # as a constant instead of tracing into importlib; rtmdet.ops._native fills them at import.
+    if not _native_cache:
+        try:
+            mod = importlib.import_module("rtmdet._C")
+            ops = frozenset(getattr(mod, "registered_ops", lambda: [])())
+            cuda = bool(getattr(mod, "with_cuda", lambda: False)())
+            _native_cache.append((mod, ops, cuda))
+        except Exception as exc:  # a missing or broken build must never break `import rtmdet`
+            _native_error.append(f"{type(exc).__name__}: {exc}")
+            _native_cache.append((None, frozenset(), False))
+    return _native_cache[0][0]
 
 
+_native_cache = []
 _native_error = []
 
 
@@ -35,14 +42,13 @@ def native_error():
 
 def native_ops():
     """Names of the ops the compiled extension registered in torch.ops.rtmdet."""
-    if native_module() is None:
-        return frozenset()
-    return frozenset(getattr(native_module(), "registered_ops", lambda: [])())
+    native_module()
+    return _native_cache[0][1]
 
 
 def cuda_built():
-    m = native_module()
-    return bool(m is not None and getattr(m, "with_cuda", lambda: False)())
+    native_module()
+    return _native_cache[0][2]
 
 
 def triton_interpret():
@@ -117,8 +123,11 @@ def resolve_backend(op, backend, device, implemented):
                     _warn_once((op, device.type), _fallback_message(op, device, implemented))
                 return name
         return "torch"
-    why = _can_run(op, backend, device) if backend in implemented else \
-        f"rtmdet has no {backend!r} implementation of {op} yet"
+    # Say first why the backend cannot run here at all (e.g. the extension is not built),
+    # then whether this op lacks an implementation in it.
+    why = _can_run(op, backend, device)
+    if why is None and backend not in implemented:
+        why = f"rtmdet has no {backend!r} implementation of {op} yet"
     if why is not None:
         raise RuntimeError(f"{op}: backend={backend!r} is not available: {why}")
     return backend

@@ -93,14 +93,15 @@ def _qfl_impls():
 
 
 def quality_focal_loss_ref(logits, labels, scores, beta=2.0):
-    """Unreduced QFL, (M, C) logits -> (M,) float32, written to be obviously right."""
-    x = logits.float()
+    """Unreduced QFL, (M, C) logits -> (M,) float32 (float64 for float64 logits, for gradcheck),
+    written to be obviously right."""
+    x = logits.double() if logits.dtype == torch.float64 else logits.float()
     M, C = x.shape
     s = x.sigmoid()
     negative = F.binary_cross_entropy_with_logits(x, torch.zeros_like(x), reduction="none") * s.pow(beta)
     positive_row = (labels >= 0) & (labels < C)
     target = F.one_hot(labels.long().clamp(0, max(C - 1, 0)), C).bool() & positive_row[:, None]
-    score = scores.float()[:, None].expand(M, C)
+    score = scores.to(x.dtype)[:, None].expand(M, C)
     positive = F.binary_cross_entropy_with_logits(x, score, reduction="none") * (score - s).abs().pow(beta)
     return torch.where(target, positive, negative).sum(1)
 

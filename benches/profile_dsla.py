@@ -1,0 +1,40 @@
+"""Per-kernel GPU times of the Triton DSLA (torch.profiler), for tuning: python benches/profile_dsla.py"""
+import os
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from rtmdet.kernels import dsla  # noqa: E402
+from tests.cases import case_args, make_case  # noqa: E402
+
+CONFIGS = [("B64 N8400 G32", 64, (640, 640), 32), ("B16 N8400 G500", 16, (640, 640), 500),
+           ("B4 N21504 G1000", 4, (1024, 1024), 1000)]
+
+
+def run(name, B, img, G, semantics="mmdet"):
+    case = make_case(7, B=B, img_size=img, G=G, C=80, kind="random", device="cuda")
+    args = case_args(case)
+    fn = lambda: dsla.dsl_assign_triton(*args, semantics=semantics)  # noqa: E731
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
+    rows = {}
+    for e in prof.key_averages():
+        if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0) > 0:
+            rows[e.key] = getattr(e, "self_device_time_total", 0) / 10 / 1e3
+    total = sum(rows.values())
+    print(f"{name} {semantics}: total {total:.3f} ms/call")
+    for k, v in sorted(rows.items(), key=lambda kv: -kv[1])[:8]:
+        print(f"   {v:8.3f} ms  {k[:90]}")
+
+
+if __name__ == "__main__":
+    for name, B, img, G in CONFIGS:
+        run(name, B, img, G)
+    run(*CONFIGS[0], semantics="mmyolo")
