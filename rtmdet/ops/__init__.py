@@ -1,5 +1,6 @@
 """rtmdet.ops: the public ops (API.md). Every op takes backend="auto"|"torch"|"triton"|"cpp"|"cuda"."""
 from ._backend import available_backends, backend_info
+from . import _native  # noqa: F401  (fake kernels + autograd of the compiled ops, if built)
 from ._checks import set_value_checks, value_checks
 from .dsla import DSLAssignment, dsl_assign, dsl_assign_ref, dsl_cost_ref
 from .geometry import bbox2distance, box_iou, distance2bbox, grid_priors
