@@ -1,0 +1,120 @@
+"""Trainer: LR schedule, EMA, parameter groups, exact resume, COCO evaluation."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rtmdet import data as D
+from rtmdet.evaluation import coco_evaluate
+from rtmdet.train import ModelEMA, TrainConfig, lr_factor, param_groups, plot_curves, train
+
+
+def test_lr_schedule_key_points():
+    kw = dict(warmup_iters=100, epochs=10, iters_per_epoch=50)
+    assert lr_factor(0, **kw) == pytest.approx(1e-5)
+    assert lr_factor(50, **kw) == pytest.approx(1e-5 + (1 - 1e-5) * 0.5)
+    assert lr_factor(100, **kw) == 1.0
+    assert lr_factor(249, **kw) == 1.0                 # flat until epoch 5 = iteration 250
+    assert lr_factor(250, **kw) == pytest.approx(1.0)
+    assert lr_factor(375, **kw) == pytest.approx(0.05 + 0.95 * 0.5)   # cosine midpoint
+    assert lr_factor(500, **kw) == pytest.approx(0.05)
+    assert lr_factor(600, **kw) == pytest.approx(0.05)
+    vals = [lr_factor(i, **kw) for i in range(250, 501)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))
+    # warm-up longer than the flat part: both factors apply
+    assert lr_factor(300, warmup_iters=600, epochs=10, iters_per_epoch=50) == pytest.approx(
+        (1e-5 + (1 - 1e-5) * 0.5) * (0.05 + 0.95 * (1 + math.cos(math.pi * 50 / 250)) / 2))
+
+
+def test_ema_update_formula():
+    model = nn.Sequential(nn.Linear(2, 1), nn.BatchNorm1d(1))
+    ema = ModelEMA(model, momentum=0.0002, gamma=2000)
+    values = [1.0, 3.0, -2.0, 5.0]
+    expected = None
+    for k, v in enumerate(values):
+        with torch.no_grad():
+            model[0].weight.fill_(v)
+            model[1].running_mean.fill_(2 * v)
+            model[1].num_batches_tracked.fill_(k + 10)
+        ema.update(model)
+        m = (1 - 0.0002) * math.exp(-(1 + k) / 2000) + 0.0002
+        expected = v if k == 0 else (1 - m) * expected + m * v
+        assert ema.module[0].weight[0, 0].item() == pytest.approx(expected, rel=1e-6)
+        assert ema.module[1].running_mean.item() == pytest.approx(2 * expected, rel=1e-6)
+        assert ema.module[1].num_batches_tracked.item() == k + 10   # integers are copied
+    assert ema.steps == 4 and not ema.module[0].weight.requires_grad
+    assert ema.momentum_at(10 ** 6) == pytest.approx(0.0002)
+
+
+def test_param_groups_no_decay_on_norms_and_biases():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1, bias=True))
+    decay, no_decay = param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    ids = lambda ps: {id(p) for p in ps}
+    assert ids(decay["params"]) == {id(model[0].weight), id(model[2].weight)}
+    assert ids(no_decay["params"]) == {id(model[0].bias), id(model[1].weight), id(model[1].bias),
+                                       id(model[2].bias)}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    D.write_synthetic_split(root, "train", 4, seed=5, size=64)
+    D.write_synthetic_split(root, "val", 2, seed=5, size=64)
+    return root
+
+
+def _cfg(root, out, **kw):
+    base = dict(model="tiny", data=str(root), epochs=2, stage2_epochs=1, batch_size=2, img_size=64,
+                workers=0, eval_interval=0, save_predictions=0, warmup_iters=2, lr=0.01,
+                log_interval=1, progress=False, out=str(out), threads=2, backend="torch",
+                ratio_range=(0.8, 1.2))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_exact_resume_matches_uninterrupted(tiny_data, tmp_path):
+    train(_cfg(tiny_data, tmp_path / "full"))                   # 2 epochs x 2 iterations
+    train(_cfg(tiny_data, tmp_path / "cut", max_iters=3))       # stops inside epoch 2
+    mid = torch.load(tmp_path / "cut/last.pth", weights_only=False)
+    assert (mid["epoch"], mid["iter"], mid["step"]) == (1, 1, 3)
+    train(_cfg(tiny_data, tmp_path / "cut", resume=str(tmp_path / "cut/last.pth")))
+    a = torch.load(tmp_path / "full/last.pth", weights_only=False)
+    b = torch.load(tmp_path / "cut/last.pth", weights_only=False)
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 4)
+    for key in ("model",):
+        for name, t in a[key].items():
+            assert torch.equal(t, b[key][name]), name
+    for name, t in a["ema"]["module"].items():
+        assert torch.equal(t, b["ema"]["module"][name]), name
+    assert a["ema"]["steps"] == b["ema"]["steps"] == 4
+    assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"]
+    # the weights moved, so equality is not trivial
+    first = torch.load(tmp_path / "cut/last.pth", weights_only=False)["model"]
+    assert not all(torch.equal(first[k], mid["model"][k]) for k in first if first[k].is_floating_point())
+    log = [json.loads(x) for x in (tmp_path / "full/log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["type"] == "train"] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) and r["lr"] > 0 for r in log)
+    plot_curves(tmp_path / "full/log.jsonl", tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_coco_eval_perfect_and_shifted(tiny_data, tmp_path):
+    ann = tiny_data / "annotations/instances_val.json"
+    gt = json.loads(ann.read_text())
+    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+               for a in gt["annotations"]]
+    m = coco_evaluate(ann, perfect, out_dir=tmp_path, verbose=False)
+    assert m["bbox_mAP"] == pytest.approx(1.0) and m["bbox_mAP_50"] == pytest.approx(1.0)
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(saved) >= {"bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "bbox_mAP_s", "bbox_mAP_m", "bbox_mAP_l"}
+    shifted = [dict(d, bbox=[d["bbox"][0] + 0.3 * d["bbox"][2], d["bbox"][1], d["bbox"][2], d["bbox"][3]])
+               for d in perfect]
+    s = coco_evaluate(ann, shifted, verbose=False)
+    assert 0.0 < s["bbox_mAP"] < 0.9
+    wrong = [dict(d, category_id=d["category_id"] % 6 + 1) for d in perfect]
+    assert coco_evaluate(ann, wrong, verbose=False)["bbox_mAP"] == 0.0
+    assert coco_evaluate(ann, [], verbose=False)["bbox_mAP"] == 0.0
