@@ -4,20 +4,20 @@ Same results as `rtmdet.ops.dsl_assign_ref` (ties: a gt prefers the lower prior 
 contested prior the cheaper gt then the lower gt index), without any (B, N, G) tensor.
 
 Passes (all on device, fixed grids, no host synchronisation; B, N, G are runtime ints):
-  1. prior pass, grid (B * N/BLOCK_N): valid[b, n] (inside a real gt) and, unless fused into
-     pass 2, S0[b, n] = sum_c f(x[n, c], 0) (mmdet only), streaming each logits row once.
-  2. candidate pass, grid (B * SPLITS * G/BLOCK_G): a (BLOCK_G, BLOCK_N) tile of IoU and cost
-     in registers per step over the split's priors; keeps per gt the KL (16 or 32) largest
-     IoUs and the KL smallest keys (ordered(cost) << 32 | n) of valid priors, merged with
-     tl.sort. With one gt block (G <= BLOCK_G) it also computes S0 itself, so the gathers
-     x[n, L_g] hit rows it has just streamed. Writes (B, G, SPLITS, KL) partial lists.
-  3. select, grid (B * G/BLOCK_G2): merges the partial lists, k = int(sum of the topk largest
-     IoUs, added in descending order), and for each of the k cheapest priors does integer
-     atomics: count[b, n] += 1, owner[b, n] = max(owner, g); a prior reaching count 2 is
-     appended (atomic counter) to a per-image list of contested priors.
-  4. resolve, grid (B * CAP/BLOCK_P): each contested prior recomputes its cost against every
+  1. prior pass, grid (B * N/BLOCK): valid[b, n] (inside a real gt), S0[b, n] = sum_c
+     f(x[n, c], 0) (mmdet only; each logits row streamed once), zeroed selection state.
+  2. gt pass, grid (B * G), one program per gt, its lists in registers (no (B, N, G) tensor):
+     a. scan all priors for the TOPK largest IoUs -> k = int(their sum, added in descending
+        order), at least 1;
+     b. scan the valid priors from the coarsest level down for the k smallest keys
+        (ordered(cost) << 32 | n), skipping every tile whose centre cost alone exceeds the
+        k-th kept cost (a lower bound: the other terms are >= -margin), so only priors near
+        the gt cost transcendentals and a logit gather;
+     c. integer atomics per selected prior: count += 1, owner = max(owner, g); a prior
+        reaching count 2 is appended to its image's list of contested priors.
+  3. resolve, grid (B * CAP/BLOCK_P): each contested prior recomputes its cost against every
      real gt and keeps the cheapest (key (ordered(cost) << 32) | g, so ties go to lower g).
-  5. finish, grid (B * N/BLOCK_N): gt index, label and the matched pair's IoU per prior.
+  4. finish, grid (B * N/BLOCK): gt index, label and the matched pair's IoU per prior.
 Only integer atomics are used and the contested list's order does not affect any result,
 so outputs are bitwise deterministic.
 
@@ -33,14 +33,17 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 from triton.language.extra import libdevice
 
-# Tunables. BLOCK_N priors x BLOCK_G gts per candidate tile; TARGET_PROGRAMS sets how many
-# splits of the priors pass 2 uses when B * G/BLOCK_G is small; FUSE_S0_MAX_GT: compute S0
-# inside pass 2 when it has at most this many gt blocks (each re-streams the logits).
-TUNING = dict(block_n=64, block_g=32, block_c=32, block_n_prior=128, block_g_select=16,
-              block_p=16, target_programs=528, max_splits=64, fuse_s0_max_gt=1,
-              num_warps_candidate=8, num_warps=4)
+from .qfl import column_block
+
+# Tunables: block_iou / block_n priors per step of the per-gt IoU / cost scans (num_warps_gt
+# warps; small cost tiles prune more finely); block_n_prior
+# priors per program of the prior and finish passes (at most block_c classes per step of
+# the S0 sum); block_p contested priors x block_g gts per tile of the resolve pass.
+TUNING = dict(block_n=64, num_warps_gt=1, block_iou=64, block_n_prior=64, num_warps_prior=2,
+              block_c=32, block_g=32, block_p=16, num_warps=4, prune=True)
 MAX_TOPK = 32
 _SENTINEL = tl.constexpr(0x7FFFFFFFFFFFFFFF)  # key of "no candidate": above every real key
+_NO_SLOT = tl.constexpr(-0x7FFFFFFFFFFFFFFF)   # an inactive list slot: below every real key
 
 
 def _precise():
@@ -120,6 +123,15 @@ def _soft_cost0(x, RN: tl.constexpr):
 
 
 @triton.jit
+def _soft_cost0_fast(x):
+    """f(x, 0) with the fast hardware exp2/log2 (relative error ~1e-7): only for the S0 sum,
+    whose terms are added in another order than the reference's anyway."""
+    e = tl.exp2(-tl.abs(x) * 1.4426950408889634)
+    sig = tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    return (tl.maximum(x, 0.0) + tl.log2(1.0 + e) * 0.6931471805599453) * (sig * sig)
+
+
+@triton.jit
 def _iou(bx1, by1, bx2, by2, gx1, gy1, gx2, gy2, RN: tl.constexpr):
     """IoU = inter / max(union, 1e-6), rounded as the reference (broadcasting arguments)."""
     area_b = _mul(bx2 - bx1, by2 - by1, RN)
@@ -156,43 +168,45 @@ def _key(cost, idx):
 
 
 @triton.jit
-def _insert_smallest(keys, tile, KL: tl.constexpr):
-    """keys (R, KL): the KL smallest keys seen so far, unsorted (SENTINEL = empty slot);
-    tile (R, M) of distinct keys. Inserts the tile's keys below the current worst kept one,
-    smallest first, each replacing the worst: as many steps as the most improved row needs
-    (usually 0 or 1 once the list is warm), never a sort."""
-    slot = tl.arange(0, KL)[None, :]
-    worst = tl.max(keys, axis=1)
-    cand = tl.where(tile < worst[:, None], tile, _SENTINEL)
-    steps = tl.minimum(tl.max(tl.sum((cand != _SENTINEL).to(tl.int32), axis=1)), KL)
-    i = 0
-    while i < steps:
-        m = tl.min(cand, axis=1)
-        cand = tl.where(cand == m[:, None], _SENTINEL, cand)
-        at = tl.argmax(keys, axis=1)
-        keys = tl.where((slot == at[:, None]) & (m < worst)[:, None], m[:, None], keys)
-        worst = tl.max(keys, axis=1)
-        i += 1
-    return keys
+def _cost_of_key(key):
+    """Inverse of `_key` for the cost part: the float32 cost a key was made from."""
+    ordered = (key >> 32).to(tl.int32)
+    bits = tl.where(ordered >= 0, ordered, ordered ^ 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _insert_largest(vals, tile, M: tl.constexpr, KL: tl.constexpr):
-    """vals (R, KL): the KL largest IoUs seen so far (0 = empty, IoUs are >= 0); tile (R, M)."""
-    slot = tl.arange(0, KL)[None, :]
-    col = tl.arange(0, M)[None, :]
-    low = tl.min(vals, axis=1)
-    cand = tl.where(tile > low[:, None], tile, -1.0)
-    steps = tl.minimum(tl.max(tl.sum((cand >= 0.0).to(tl.int32), axis=1)), KL)
+def _keep_largest(top, low, cand, slot, KL: tl.constexpr):
+    """top (KL,): the largest IoUs so far, low its minimum; cand (BLOCK,): this tile's IoUs
+    above `low`, -1 elsewhere. Inserts them largest first, each replacing the current
+    minimum; as many steps as candidates (at most KL)."""
+    lane = tl.arange(0, cand.shape[0])
+    steps = tl.minimum(tl.sum((cand >= 0.0).to(tl.int32), axis=0), KL)
     i = 0
     while i < steps:
-        m = tl.max(cand, axis=1)
-        cand = tl.where(col == tl.argmax(cand, axis=1)[:, None], -1.0, cand)
-        at = tl.argmin(vals, axis=1)
-        vals = tl.where((slot == at[:, None]) & (m > low)[:, None], m[:, None], vals)
-        low = tl.min(vals, axis=1)
+        m = tl.max(cand, axis=0)
+        cand = tl.where(lane == tl.argmax(cand, axis=0), -1.0, cand)
+        top = tl.where(slot == tl.argmin(top, axis=0), tl.maximum(top, m), top)  # m > low only
+        low = tl.min(top, axis=0)
         i += 1
-    return vals
+    return top, low
+
+
+@triton.jit
+def _keep_smallest(keys, worst, cand, KL: tl.constexpr):
+    """keys (KL,): the smallest candidate keys so far (SENTINEL = empty; inactive slots hold
+    -1, never the maximum), worst their maximum; cand (BLOCK,): keys of this tile below
+    `worst`, SENTINEL elsewhere (all distinct). Inserts them smallest first."""
+    slot = tl.arange(0, KL)
+    steps = tl.minimum(tl.sum((cand != _SENTINEL).to(tl.int32), axis=0), KL)
+    i = 0
+    while i < steps:
+        m = tl.min(cand, axis=0)
+        cand = tl.where(cand == m, _SENTINEL, cand)
+        keys = tl.where(slot == tl.argmax(keys, axis=0), tl.minimum(keys, m), keys)  # m < worst only
+        worst = tl.max(keys, axis=0)
+        i += 1
+    return keys, worst
 
 
 @triton.jit
@@ -204,7 +218,11 @@ def _row_s0(logits_ptr, row, nmask, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.conste
         c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
         m = nmask[:, None] & (c < C)[None, :]
         x = tl.load(logits_ptr + row[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
-        acc += tl.sum(tl.where(m, _soft_cost0(x, RN), 0.0), axis=1)
+        if RN:
+            f0 = _soft_cost0_fast(x)
+        else:
+            f0 = _soft_cost0(x, RN)
+        acc += tl.sum(tl.where(m, f0, 0.0), axis=1)
     return acc
 
 
@@ -213,12 +231,15 @@ def _row_s0(logits_ptr, row, nmask, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.conste
 # ----------------------------------------------------------------------------------------
 
 @triton.jit
-def _prior_kernel(priors_ptr, logits_ptr, gtb_ptr, gtm_ptr, s0_ptr, valid_ptr, N, G, C, NT,
-                  WITH_S0: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-                  BLOCK_C: tl.constexpr, C_BLOCKS: tl.constexpr, RN: tl.constexpr):
+def _prior_kernel(priors_ptr, logits_ptr, gtb_ptr, gtm_ptr, s0_ptr, valid_ptr, count_ptr,
+                  owner_ptr, ccount_ptr, N, G, C, NT, WITH_S0: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
+                  C_BLOCKS: tl.constexpr, RN: tl.constexpr):
+    """Per prior: valid (inside a real gt), S0 (mmdet), and the zeroed selection state."""
     pid = tl.program_id(0)
     b = pid // NT
-    n = (pid % NT) * BLOCK_N + tl.arange(0, BLOCK_N)
+    t = pid % NT
+    n = t * BLOCK_N + tl.arange(0, BLOCK_N)
     nm = n < N
     px = tl.load(priors_ptr + n * 4, mask=nm, other=0.0).to(tl.float32)
     py = tl.load(priors_ptr + n * 4 + 1, mask=nm, other=0.0).to(tl.float32)
@@ -240,110 +261,130 @@ def _prior_kernel(priors_ptr, logits_ptr, gtb_ptr, gtm_ptr, s0_ptr, valid_ptr, N
         inside = tl.maximum(inside, tl.max(hit.to(tl.int32), axis=1))
     row = b.to(tl.int64) * N + n
     tl.store(valid_ptr + row, inside.to(tl.int8), mask=nm)
+    tl.store(count_ptr + row, tl.zeros((BLOCK_N,), tl.int32), mask=nm)
+    tl.store(owner_ptr + row, tl.full((BLOCK_N,), -1, tl.int32), mask=nm)
+    tl.store(ccount_ptr + b + tl.zeros((BLOCK_N,), tl.int32), tl.zeros((BLOCK_N,), tl.int32),
+             mask=(tl.arange(0, BLOCK_N) == 0) & (t == 0))
     if WITH_S0:
         tl.store(s0_ptr + row, _row_s0(logits_ptr, row, nm, C, BLOCK_N, BLOCK_C, C_BLOCKS, RN), mask=nm)
 
 
 @triton.jit
-def _candidate_kernel(priors_ptr, pred_ptr, logits_ptr, s0_ptr, valid_ptr, gtb_ptr, gtl_ptr,
-                      gtm_ptr, part_key_ptr, part_iou_ptr, N, G, C, GT, S, split_len,
-                      radius, iou_weight, MMDET: tl.constexpr, FUSE_S0: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
-                      C_BLOCKS: tl.constexpr, KL: tl.constexpr, RN: tl.constexpr):
+def _gt_kernel(priors_ptr, pred_ptr, logits_ptr, s0_ptr, valid_ptr, gtb_ptr, gtl_ptr, gtm_ptr,
+               count_ptr, owner_ptr, clist_ptr, ccount_ptr, N, G, C, CAP, radius, iou_weight,
+               margin, MMDET: tl.constexpr, PRUNE: tl.constexpr, TOPK: tl.constexpr,
+               KL: tl.constexpr, BLOCK_IOU: tl.constexpr, BLOCK_N: tl.constexpr,
+               RN: tl.constexpr):
+    """One program per (image, gt): dynamic k from its TOPK largest IoUs, then its k cheapest
+    valid priors, registered with integer atomics (count, owner, contested list)."""
     pid = tl.program_id(0)
-    gblk = pid % GT
-    s = (pid // GT) % S
-    b = pid // (GT * S)
-    g = gblk * BLOCK_G + tl.arange(0, BLOCK_G)
-    gm = g < G
-    real = (tl.load(gtm_ptr + b * G + g, mask=gm, other=0) != 0) & gm
-    label = tl.load(gtl_ptr + b * G + g, mask=gm, other=0)
-    label = tl.minimum(tl.maximum(label, 0), C - 1).to(tl.int64)
-    gb = gtb_ptr + (b * G + g) * 4
-    gx1 = tl.load(gb, mask=gm, other=0.0)[:, None]
-    gy1 = tl.load(gb + 1, mask=gm, other=0.0)[:, None]
-    gx2 = tl.load(gb + 2, mask=gm, other=0.0)[:, None]
-    gy2 = tl.load(gb + 3, mask=gm, other=0.0)[:, None]
+    b = pid // G
+    g = pid % G
+    if RN:  # torch.compile passes Python floats as fp64 scalars (the interpreter as floats)
+        radius = radius.to(tl.float32)
+        iou_weight = iou_weight.to(tl.float32)
+        margin = margin.to(tl.float32)
+    if tl.load(gtm_ptr + pid) != 0:
+        label = tl.minimum(tl.maximum(tl.load(gtl_ptr + pid), 0), C - 1).to(tl.int64)
+        gx1 = tl.load(gtb_ptr + pid * 4)
+        gy1 = tl.load(gtb_ptr + pid * 4 + 1)
+        gx2 = tl.load(gtb_ptr + pid * 4 + 2)
+        gy2 = tl.load(gtb_ptr + pid * 4 + 3)
+        area_g = (gx2 - gx1) * (gy2 - gy1)
+        slot = tl.arange(0, KL)
+        lane = tl.arange(0, BLOCK_N)
+        base = b.to(tl.int64) * N
 
-    keys = tl.full((BLOCK_G, KL), _SENTINEL, tl.int64)
-    top_iou = tl.zeros((BLOCK_G, KL), tl.float32)
-    n_lo = s * split_len
-    n_hi = tl.minimum(n_lo + split_len, N)
-    n0 = n_lo
-    while n0 < n_hi:
-        n = n0 + tl.arange(0, BLOCK_N)
-        n0 += BLOCK_N
-        nm = n < n_hi
-        row = b.to(tl.int64) * N + n
-        pb = pred_ptr + row * 4
-        bx1 = tl.load(pb, mask=nm, other=0.0)[None, :]
-        by1 = tl.load(pb + 1, mask=nm, other=0.0)[None, :]
-        bx2 = tl.load(pb + 2, mask=nm, other=0.0)[None, :]
-        by2 = tl.load(pb + 3, mask=nm, other=0.0)[None, :]
-        valid = tl.load(valid_ptr + row, mask=nm, other=0) != 0
-        iou = _iou(bx1, by1, bx2, by2, gx1, gy1, gx2, gy2, RN)         # (BLOCK_G, BLOCK_N)
-        if MMDET:
-            counted = valid[None, :] & real[:, None]
-        else:
-            counted = nm[None, :] & real[:, None]
-        top_iou = _insert_largest(top_iou, tl.where(counted, iou, 0.0), BLOCK_N, KL)
-        pair = valid[None, :] & real[:, None]
-        if tl.max(pair.to(tl.int32)) > 0:
-            px = tl.load(priors_ptr + n * 4, mask=nm, other=0.0)[None, :]
-            py = tl.load(priors_ptr + n * 4 + 1, mask=nm, other=0.0)[None, :]
-            stride = tl.load(priors_ptr + n * 4 + 2, mask=nm, other=1.0)[None, :]
+        # 1. Dynamic k: the TOPK largest IoUs (mmdet: valid priors; mmyolo: all priors). The
+        # list keeps the KL >= TOPK largest (0 = empty: IoUs are >= 0), `low` its minimum.
+        top = tl.zeros((KL,), tl.float32)
+        low = tl.min(top, axis=0)
+        # Loads do not depend on each other (no masks from earlier loads): the scan is bound by
+        # memory latency, so each step issues all of its loads at once, over a wide tile.
+        n0 = 0
+        while n0 < N:
+            n = n0 + tl.arange(0, BLOCK_IOU)
+            n0 += BLOCK_IOU
+            nm = n < N
+            pb = pred_ptr + (base + n) * 4
+            bx1 = tl.load(pb, mask=nm, other=0.0)
+            by1 = tl.load(pb + 1, mask=nm, other=0.0)
+            bx2 = tl.load(pb + 2, mask=nm, other=0.0)
+            by2 = tl.load(pb + 3, mask=nm, other=0.0)
+            # Cheap filter without a division: iou > low <=> inter > low * union (with slack
+            # for rounding); only tiles where some prior passes pay for the exact IoU.
+            w = tl.maximum(tl.minimum(bx2, gx2) - tl.maximum(bx1, gx1), 0.0)
+            h = tl.maximum(tl.minimum(by2, gy2) - tl.maximum(by1, gy1), 0.0)
+            inter = w * h
+            union = tl.maximum((bx2 - bx1) * (by2 - by1) + area_g - inter, 1e-6)
+            maybe = nm & (inter > 0.0) & (inter >= low * union * 0.99999)
             if MMDET:
-                if FUSE_S0:
-                    s0v = _row_s0(logits_ptr, row, nm & valid, C, BLOCK_N, BLOCK_C, C_BLOCKS, RN)
-                    tl.store(s0_ptr + row, s0v, mask=nm & valid)   # pass 4 reads it back
+                maybe = maybe & (tl.load(valid_ptr + base + n, mask=nm, other=0) != 0)
+            if tl.max(maybe.to(tl.int32), axis=0) > 0:
+                iou = _iou(bx1, by1, bx2, by2, gx1, gy1, gx2, gy2, RN)
+                counted = maybe & (iou > low)
+                # one insertion per candidate: measured faster than a bitonic tl.topk merge
+                top, low = _keep_largest(top, low, tl.where(counted, iou, -1.0), slot, KL)
+        vals = top
+        total = 0.0
+        for i in range(TOPK):  # descending order, as the reference adds them
+            total = total + tl.max(vals, axis=0)
+            vals = tl.where(slot == tl.argmax(vals, axis=0), -1.0, vals)
+        k = tl.maximum(total.to(tl.int32), 1)
+
+        # 2. The k cheapest valid priors, scanning from the last (coarsest) level down. The
+        # class cost is >= 0 and the IoU cost >= -iou_weight * 1e-7, so cost >= centre cost -
+        # margin: once k candidates are kept, a prior whose centre cost alone exceeds the k-th
+        # kept cost + margin cannot enter (nor tie), and tiles of such priors are skipped
+        # before any logit is read. Exact for any priors; fast when they are grid-ordered.
+        keys = tl.where(slot < k, _SENTINEL, _NO_SLOT)
+        worst = tl.max(keys, axis=0)
+        cx = (gx1 + gx2) * 0.5
+        cy = (gy1 + gy2) * 0.5
+        max_dist = 3.0e38
+        n_hi = N
+        while n_hi > 0:
+            n = n_hi - BLOCK_N + lane
+            n_hi -= BLOCK_N
+            nm = n >= 0
+            valid = tl.load(valid_ptr + base + n, mask=nm, other=0) != 0
+            px = tl.load(priors_ptr + n * 4, mask=nm, other=0.0)
+            py = tl.load(priors_ptr + n * 4 + 1, mask=nm, other=0.0)
+            stride = tl.load(priors_ptr + n * 4 + 2, mask=nm, other=1.0)
+            # dist <= max_dist without sqrt or division (slack for rounding; inf passes all)
+            dx = px - cx
+            dy = py - cy
+            reach = tl.maximum(max_dist, 0.0) * stride
+            need = valid & (dx * dx + dy * dy <= reach * reach * 1.00001)
+            if tl.max(need.to(tl.int32), axis=0) > 0:
+                pb = pred_ptr + (base + n) * 4
+                iou = _iou(tl.load(pb, mask=need, other=0.0), tl.load(pb + 1, mask=need, other=0.0),
+                           tl.load(pb + 2, mask=need, other=0.0), tl.load(pb + 3, mask=need, other=0.0),
+                           gx1, gy1, gx2, gy2, RN)
+                if MMDET:
+                    s0 = tl.load(s0_ptr + base + n, mask=need, other=0.0)
                 else:
-                    s0v = tl.load(s0_ptr + row, mask=nm, other=0.0)
-                s0 = s0v[None, :]
-            else:
-                s0 = 0.0
-            xl = tl.load(logits_ptr + row[None, :] * C + label[:, None], mask=pair,
-                         other=0.0).to(tl.float32)
-            cost = _pair_cost(iou, px, py, stride, s0, xl, gx1, gy1, gx2, gy2, radius,
-                              iou_weight, MMDET, RN)
-            key = tl.where(pair, _key(cost, n[None, :]), _SENTINEL)
-            keys = _insert_smallest(keys, key, KL)
-    j = tl.arange(0, KL)[None, :]
-    out = ((b * G + g).to(tl.int64)[:, None] * S + s) * KL + j
-    tl.store(part_key_ptr + out, keys, mask=gm[:, None])
-    tl.store(part_iou_ptr + out, top_iou, mask=gm[:, None])
+                    s0 = 0.0
+                xl = tl.load(logits_ptr + (base + n) * C + label, mask=need, other=0.0).to(tl.float32)
+                cost = _pair_cost(iou, px, py, stride, s0, xl, gx1, gy1, gx2, gy2, radius,
+                                  iou_weight, MMDET, RN)
+                key = _key(cost, n)
+                keys, worst = _keep_smallest(keys, worst, tl.where(need & (key < worst), key, _SENTINEL), KL)
+                if PRUNE:
+                    if worst != _SENTINEL:
+                        kth = _cost_of_key(worst)
+                        bound = tl.maximum(kth + margin, 1e-30)
+                        max_dist = radius + tl.log(bound) * 0.4342944819032518 + 1e-3
 
-
-@triton.jit
-def _select_kernel(part_key_ptr, part_iou_ptr, gtm_ptr, count_ptr, owner_ptr, clist_ptr,
-                   ccount_ptr, N, G, GT, CAP, TOPK: tl.constexpr, BLOCK_G: tl.constexpr,
-                   SK: tl.constexpr):
-    pid = tl.program_id(0)
-    b = pid // GT
-    g = (pid % GT) * BLOCK_G + tl.arange(0, BLOCK_G)
-    gm = g < G
-    real = (tl.load(gtm_ptr + b * G + g, mask=gm, other=0) != 0) & gm
-    col = tl.arange(0, SK)[None, :]
-    off = (b * G + g).to(tl.int64)[:, None] * SK + col   # the gt's SPLITS partial lists
-    vals = tl.load(part_iou_ptr + off, mask=gm[:, None], other=0.0)
-    keys = tl.load(part_key_ptr + off, mask=gm[:, None], other=_SENTINEL)
-    # Dynamic k: the TOPK largest IoUs added one by one in descending order, as the reference.
-    total = tl.zeros((BLOCK_G,), tl.float32)
-    for i in range(TOPK):
-        total = total + tl.max(vals, axis=1)
-        vals = tl.where(col == tl.argmax(vals, axis=1)[:, None], -1.0, vals)
-    k = tl.maximum(total.to(tl.int32), 1)
-    # The k cheapest candidates, in order (keys are distinct).
-    for i in range(TOPK):
-        m = tl.min(keys, axis=1)
-        keys = tl.where(keys == m[:, None], _SENTINEL, keys)
-        sel = (i < k) & (m != _SENTINEL) & real
-        slot_ = b.to(tl.int64) * N + (m & 0xFFFFFFFF)
-        old = tl.atomic_add(count_ptr + slot_, 1, mask=sel)
-        tl.atomic_max(owner_ptr + slot_, g, mask=sel)
+        # 3. Register the selection: integer atomics only, so any order gives the same state.
+        sel = (slot < k) & (keys != _SENTINEL)
+        n_sel = (keys & 0xFFFFFFFF).to(tl.int32)
+        at = base + n_sel
+        old = tl.atomic_add(count_ptr + at, 1, mask=sel)
+        tl.atomic_max(owner_ptr + at, g.to(tl.int32) + 0 * n_sel, mask=sel)
         second = sel & (old == 1)  # the prior just became contested: list it once
-        pos = tl.atomic_add(ccount_ptr + b + 0 * g, 1, mask=second)
-        tl.store(clist_ptr + b.to(tl.int64) * CAP + pos, (m & 0xFFFFFFFF).to(tl.int32),
-                 mask=second & (pos < CAP))
+        pos = tl.atomic_add(ccount_ptr + b + 0 * n_sel, 1, mask=second)
+        tl.store(clist_ptr + b.to(tl.int64) * CAP + pos, n_sel, mask=second & (pos < CAP))
 
 
 @triton.jit
@@ -354,6 +395,9 @@ def _resolve_kernel(priors_ptr, pred_ptr, logits_ptr, s0_ptr, gtb_ptr, gtl_ptr, 
     pid = tl.program_id(0)
     b = pid // PT
     start = (pid % PT) * BLOCK_P
+    if RN:
+        radius = radius.to(tl.float32)
+        iou_weight = iou_weight.to(tl.float32)
     count = tl.load(ccount_ptr + b)
     if start < count:
         p = start + tl.arange(0, BLOCK_P)
@@ -430,68 +474,52 @@ def _pow2_at_least(x):
 
 def _launch(priors, pred_bboxes, pred_logits, gt_bboxes, gt_labels, gt_mask, topk,
             soft_center_radius, iou_weight, mmyolo, out):
-    """Run passes 1-5, writing into out = (gt_index, labels, ious), each (B, N)."""
+    """Run the four passes, writing into out = (gt_index, labels, ious), each (B, N)."""
     t = TUNING
     B, N, C = pred_logits.shape
     G = gt_bboxes.shape[1]
     dev = pred_logits.device
     mmdet = not mmyolo
     rn = _precise()
-    KL = 16 if topk <= 16 else 32
-    BN, BG = max(t["block_n"], KL), t["block_g"]
+    KL = max(_pow2_at_least(topk), 2)
     priors = priors.float().contiguous()
     preds = pred_bboxes.float().contiguous()
     logits = pred_logits.contiguous()
     gtb = gt_bboxes.float().contiguous()
     gtl = gt_labels.contiguous()
-    gtm = gt_mask.contiguous().view(torch.uint8)
+    gtm = gt_mask.to(torch.uint8).contiguous()
 
     valid = torch.empty((B, N), dtype=torch.int8, device=dev)
     s0 = torch.empty((B, N) if mmdet else (1,), dtype=torch.float32, device=dev)
-    GT = triton.cdiv(G, BG)
-    cb = triton.cdiv(C, t["block_c"])
-    fuse = mmdet and GT <= t["fuse_s0_max_gt"]
-    NT1 = triton.cdiv(N, t["block_n_prior"])
-    wrap_triton(_prior_kernel)[(B * NT1,)](
-        priors, logits, gtb, gtm, s0, valid, N, G, C, NT1, WITH_S0=mmdet and not fuse,
-        BLOCK_N=t["block_n_prior"], BLOCK_G=32, BLOCK_C=t["block_c"], C_BLOCKS=cb, RN=rn,
-        num_warps=t["num_warps"])
+    count = torch.empty((B, N), dtype=torch.int32, device=dev)
+    owner = torch.empty((B, N), dtype=torch.int32, device=dev)
+    ccount = torch.empty((B,), dtype=torch.int32, device=dev)
+    BNP = t["block_n_prior"]
+    block_c = column_block(C, t["block_c"])
+    NT = triton.cdiv(N, BNP)
+    wrap_triton(_prior_kernel)[(B * NT,)](
+        priors, logits, gtb, gtm, s0, valid, count, owner, ccount, N, G, C, NT,
+        WITH_S0=mmdet, BLOCK_N=BNP, BLOCK_G=32, BLOCK_C=block_c,
+        C_BLOCKS=triton.cdiv(C, block_c), RN=rn, num_warps=t["num_warps_prior"])
 
-    # Splits of the priors so that pass 2 has about target_programs programs.
-    NT = triton.cdiv(N, BN)
-    S = min(_pow2_at_least(triton.cdiv(t["target_programs"], max(B * GT, 1))), t["max_splits"],
-            _pow2_at_least(NT))
-    split_len = triton.cdiv(NT, S) * BN
-    part_key = torch.empty((B, G, S, KL), dtype=torch.int64, device=dev)
-    part_iou = torch.empty((B, G, S, KL), dtype=torch.float32, device=dev)
-    wrap_triton(_candidate_kernel)[(B * S * GT,)](
-        priors, preds, logits, s0, valid, gtb, gtl, gtm, part_key, part_iou, N, G, C, GT, S,
-        split_len, soft_center_radius, iou_weight, MMDET=mmdet, FUSE_S0=fuse, BLOCK_N=BN,
-        BLOCK_G=BG, BLOCK_C=t["block_c"], C_BLOCKS=cb, KL=KL, RN=rn, num_warps=t["num_warps_candidate"])
-
-    count = torch.zeros((B, N), dtype=torch.int32, device=dev)
-    owner = torch.full((B, N), -1, dtype=torch.int32, device=dev)
     CAP = max(min(N, G * topk), 1)
     clist = torch.empty((B, CAP), dtype=torch.int32, device=dev)
-    ccount = torch.zeros((B,), dtype=torch.int32, device=dev)
-    BG2 = t["block_g_select"]
-    GT2 = triton.cdiv(G, BG2)
-    wrap_triton(_select_kernel)[(B * GT2,)](
-        part_key, part_iou, gtm, count, owner, clist, ccount, N, G, GT2, CAP, TOPK=topk,
-        BLOCK_G=BG2, SK=S * KL, num_warps=t["num_warps"])
+    wrap_triton(_gt_kernel)[(B * G,)](
+        priors, preds, logits, s0, valid, gtb, gtl, gtm, count, owner, clist, ccount, N, G, C,
+        CAP, soft_center_radius, iou_weight, 1e-4 + 2e-7 * abs(iou_weight), MMDET=mmdet, PRUNE=t["prune"], TOPK=topk,
+        KL=KL, BLOCK_IOU=t["block_iou"], BLOCK_N=t["block_n"], RN=rn, num_warps=t["num_warps_gt"])
 
     BP = t["block_p"]
     PT = triton.cdiv(CAP, BP)
     wrap_triton(_resolve_kernel)[(B * PT,)](
         priors, preds, logits, s0, gtb, gtl, gtm, owner, clist, ccount, N, G, C, CAP, PT,
-        soft_center_radius, iou_weight, MMDET=mmdet, BLOCK_P=BP, BLOCK_G=BG, RN=rn,
+        soft_center_radius, iou_weight, MMDET=mmdet, BLOCK_P=BP, BLOCK_G=t["block_g"], RN=rn,
         num_warps=t["num_warps"])
 
     gt_index, labels, ious = out
-    NTF = triton.cdiv(N, t["block_n_prior"])
-    wrap_triton(_finish_kernel)[(B * NTF,)](
-        preds, gtb, gtl, count, owner, gt_index, labels, ious, N, G, NTF,
-        BLOCK_N=t["block_n_prior"], RN=rn, num_warps=t["num_warps"])
+    wrap_triton(_finish_kernel)[(B * NT,)](
+        preds, gtb, gtl, count, owner, gt_index, labels, ious, N, G, NT,
+        BLOCK_N=BNP, RN=rn, num_warps=t["num_warps"])
     return out
 
 

@@ -99,13 +99,22 @@ def _scale_rows_kernel(g_ptr, saved_ptr, out_ptr, M, C, stride_g,
         tl.store(out_ptr + offs, (v * g[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def column_block(C, widest):
+    """Columns per block: the widest power of two >= 16 dividing C (80 -> 16: no masked-off
+    lanes doing transcendental work), else C rounded up to a power of two (capped)."""
+    for width in (128, 64, 32, 16):
+        if width <= widest and C % width == 0:
+            return width
+    return min(triton.next_power_of_2(max(C, 1)), widest)
+
+
 def _blocks(C):
     """(BLOCK_M, BLOCK_C, C_BLOCKS) for C classes.
 
     The column-block count is a constexpr (C is fixed for a model; a runtime loop bound also
     trips the Triton 3.6 interpreter with NumPy 2).
     """
-    block_c = min(triton.next_power_of_2(max(C, 1)), QFL_MAX_BLOCK_C)
+    block_c = column_block(C, QFL_MAX_BLOCK_C)
     block_m = max(1, QFL_ELEMENTS // block_c)
     return block_m, block_c, triton.cdiv(C, block_c)
 

@@ -34,12 +34,12 @@ def check(case, semantics, topk=13):
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Blocks smaller than the test's G and N, so gt blocks, prior splits and partial tiles
-    all occur at interpreter-sized shapes."""
+    """Blocks smaller than the test's G and N, so several tiles per scan, gt blocks in the
+    resolve pass and partial tiles all occur at interpreter-sized shapes."""
     monkeypatch.setitem(dsla.TUNING, "block_g", 8)
-    monkeypatch.setitem(dsla.TUNING, "block_n", 32)
+    monkeypatch.setitem(dsla.TUNING, "block_n", 16)
+    monkeypatch.setitem(dsla.TUNING, "block_iou", 32)
     monkeypatch.setitem(dsla.TUNING, "block_n_prior", 32)
-    monkeypatch.setitem(dsla.TUNING, "block_g_select", 4)
     monkeypatch.setitem(dsla.TUNING, "block_p", 4)
 
 
@@ -53,22 +53,27 @@ def test_matches_reference(kind, semantics):
 
 
 @pytest.mark.parametrize("semantics", SEMANTICS)
-def test_many_gt_blocks_and_splits(small_blocks, semantics):
-    # G = 20 > BLOCK_G = 8 (three gt blocks, the last partial), N = 84 = 2 tiles + 20.
+def test_many_tiles_and_gt_blocks(small_blocks, semantics):
+    # G = 20 > BLOCK_G = 8 (three gt blocks in the resolve pass), N = 84 = 5 tiles + 4.
     for seed in range(2):
         case = make_case(10 + seed, B=2, featmaps=SMALL, G=20, C=7, kind="mixed", pad="anywhere")
         check(case, semantics)
 
 
 @pytest.mark.parametrize("semantics", SEMANTICS)
-def test_fused_s0_and_separate_s0_agree(monkeypatch, semantics):
-    case = make_case(5, B=2, featmaps=SMALL, G=9, C=40, kind="crowded", pad="end")
-    fused = run(case, semantics)
-    monkeypatch.setitem(dsla.TUNING, "fuse_s0_max_gt", 0)
-    separate = run(case, semantics)
-    for a, b in zip(fused, separate):
-        assert torch.equal(a, b)
-    check(case, semantics)
+def test_pruned_and_full_cost_scans_agree(small_blocks, monkeypatch, semantics):
+    # The cost scan skips tiles whose centre-cost bound exceeds the k-th kept cost: it must
+    # give exactly the full scan's result (one gt of each image far from most priors).
+    for kind in ("random", "far", "crowded"):
+        case = make_case(5, B=2, featmaps=[(12, 12), (6, 6), (3, 3)], G=9, C=5, kind=kind,
+                         pad="end")
+        pruned = run(case, semantics)
+        monkeypatch.setitem(dsla.TUNING, "prune", False)
+        full = run(case, semantics)
+        monkeypatch.setitem(dsla.TUNING, "prune", True)
+        for a, b in zip(pruned, full):
+            assert torch.equal(a, b)
+        check(case, semantics)
 
 
 @pytest.mark.parametrize("G", [0, 1, 7])

@@ -134,7 +134,7 @@ def qfl_same_dtype(x, labels, scores, beta=2.0):
 def ulp_error(got, exact, dtype):
     """max |got - exact| in units of the last place of exact rounded to dtype."""
     rounded = exact.to(dtype)
-    up = torch.nextafter(rounded.abs(), torch.tensor(float("inf"), dtype=dtype)).double()
+    up = torch.nextafter(rounded.abs(), torch.tensor(float("inf"), dtype=dtype, device=rounded.device)).double()
     ulp = (up - rounded.abs().double()).clamp_min(torch.finfo(dtype).smallest_normal
                                                   * torch.finfo(dtype).eps)
     return ((got.double() - exact).abs() / ulp).max().item()
