@@ -40,6 +40,8 @@ class TrainConfig:
     val_images: Optional[str] = None
     num_train_images: int = 2000          # synthetic set only
     num_val_images: int = 200             # synthetic set only
+    synthetic: Optional[dict] = None      # synthetic set only: data.SyntheticParams fields
+    synthetic_size: int = 320             # synthetic set only: native image size
     max_images: Optional[int] = None      # use only the first N training images
     epochs: int = 300
     stage2_epochs: int = 20               # last epochs without Mosaic/MixUp
@@ -194,8 +196,8 @@ def setup_distributed(device_arg):
         device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(device_arg)
-        if device.type == "cuda" and device.index is None and world > 1:
-            device = torch.device(f"cuda:{local}")
+        if device.type == "cuda" and device.index is None:
+            device = torch.device(f"cuda:{local}")  # "cuda": this process's GPU
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError(f"--device {device_arg}: CUDA is not available on this machine")
@@ -248,9 +250,10 @@ def load_data(cfg, main=True):
         va = (cfg.val_ann, cfg.val_images)
     else:
         if cfg.data == "synthetic":
-            root = D.default_cache_dir() / D.SYNTHETIC_VERSION
+            root = synthetic_root(cfg)
             if main:
-                D.ensure_synthetic(root, cfg.num_train_images, cfg.num_val_images, size=320)
+                D.ensure_synthetic(root, cfg.num_train_images, cfg.num_val_images,
+                                   size=cfg.synthetic_size, params=cfg.synthetic)
             if dist.is_initialized():
                 dist.barrier()
         else:
@@ -262,6 +265,11 @@ def load_data(cfg, main=True):
     if cfg.max_images:
         train.images, train._gts = train.images[:cfg.max_images], train._gts[:cfg.max_images]
     return DataSplits(train, val, Path(va[0]))
+
+
+def synthetic_root(cfg):
+    """Cache folder of the synthetic set that cfg describes."""
+    return D.synthetic_root(cfg.synthetic)
 
 
 def augment_config(cfg):
