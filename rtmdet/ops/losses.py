@@ -88,7 +88,7 @@ def _qfl_impls():
     except ImportError:
         pass
     if "quality_focal_loss" in _backend.native_ops():
-        impls["cpp"] = impls["cuda"] = lambda x, l, s, b: torch.ops.rtmdet.quality_focal_loss(x, l, s, b)
+        impls["cpp"] = lambda x, l, s, b: torch.ops.rtmdet.quality_focal_loss(x, l, s, b)
     return impls
 
 
@@ -136,7 +136,7 @@ def _giou_impls():
     except ImportError:
         pass
     if "giou_loss" in _backend.native_ops():
-        impls["cpp"] = impls["cuda"] = lambda p, t, e: torch.ops.rtmdet.giou_loss(p, t, e)
+        impls["cpp"] = lambda p, t, e: torch.ops.rtmdet.giou_loss(p, t, e)
     return impls
 
 
