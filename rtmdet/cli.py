@@ -173,8 +173,10 @@ def cmd_eval(args):
 def _val_only(cfg):
     from . import data as D
     if cfg.data == "synthetic":
-        root = D.default_cache_dir() / D.SYNTHETIC_VERSION
-        D.ensure_synthetic(root, cfg.num_train_images, cfg.num_val_images, size=320)
+        from .train import synthetic_root
+        root = synthetic_root(cfg)
+        D.ensure_synthetic(root, cfg.num_train_images, cfg.num_val_images,
+                           size=cfg.synthetic_size, params=cfg.synthetic)
     else:
         root = cfg.data
     ann, img = D.dataset_paths(root, "val")

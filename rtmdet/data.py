@@ -11,7 +11,8 @@ Images are RGB uint8 arrays (H, W, 3); boxes are float32 (G, 4) xyxy in image pi
 labels are int64 (G,) contiguous in [0, C) (COCO category ids sorted ascending).
 
 The built-in synthetic set (`--data synthetic`) is generated once from a fixed seed into
-`$RTMDET_CACHE` (default `~/.cache/rtmdet`)/synthetic-v1, in the same folder format.
+`$RTMDET_CACHE` (default `~/.cache/rtmdet`)/synthetic-v1, in the same folder format (a
+preset's easier variant, `SyntheticParams`, into synthetic-v1-<hash of its settings>).
 Its images are generated at a native size of 320 px with objects of about 4 to 100 px:
 RTMDet's 8 to 200 px on a 640 image, at half scale.
 
@@ -26,6 +27,7 @@ p-K+1..p (wrapping), i.e. the K most recently loaded images, as upstream's FIFO 
 One deviation: upstream's MixUp partner is a cached *augmented* (mosaic) result; ours is
 a raw cached image (the partner is then resized, flipped and cropped as upstream does).
 """
+import hashlib
 import json
 import math
 import os
@@ -172,31 +174,71 @@ def _random_colour(rng, avoid):
     return tuple(int(v) for v in c)
 
 
-def synthetic_image(seed, index, size=320):
+@dataclass(frozen=True)
+class SyntheticParams:
+    """Generator settings of the synthetic set. Sizes are in pixels of a 320 px image and
+    scale with the native size. The defaults are the full built-in set; presets may pass
+    an easier one (fewer, larger objects, fewer classes) as a dict of these fields."""
+    min_object: float = 4.0       # object extent (diameter) range
+    max_object: float = 100.0
+    size_power: float = 1.5       # extent = min + (max - min) * u ** power: > 1 skews small
+    max_objects: int = 20         # 1..max_objects placement attempts per image
+    num_classes: int = 6          # the first N of SYNTHETIC_CLASSES
+    lines: tuple = (3, 12)        # distractor lines per image: [lo, hi)
+
+    def __post_init__(self):
+        # canonical types, so that equal settings name the same cache folder (24 vs 24.0)
+        for name, kind in (("min_object", float), ("max_object", float), ("size_power", float),
+                           ("max_objects", int), ("num_classes", int)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
+        object.__setattr__(self, "lines", tuple(int(v) for v in self.lines))
+        if not 1 <= self.num_classes <= len(SYNTHETIC_CLASSES):
+            raise ValueError(f"num_classes must be in 1..{len(SYNTHETIC_CLASSES)}, got {self.num_classes}")
+        if not 0 < self.min_object <= self.max_object:
+            raise ValueError(f"need 0 < min_object <= max_object, got {self.min_object}, {self.max_object}")
+        if self.max_objects < 1 or len(self.lines) != 2 or not 0 <= self.lines[0] < self.lines[1]:
+            raise ValueError(f"bad max_objects {self.max_objects} or lines {self.lines}")
+
+    @classmethod
+    def of(cls, params):
+        """None (defaults), a dict of fields, or a SyntheticParams."""
+        if params is None:
+            return cls()
+        if isinstance(params, cls):
+            return params
+        return cls(**params)
+
+    @property
+    def classes(self):
+        return SYNTHETIC_CLASSES[:self.num_classes]
+
+
+def synthetic_image(seed, index, size=320, params=None):
     """Generate synthetic image `index` from `seed`: (image (S, S, 3) uint8, boxes, labels).
 
-    1 to 20 shapes of 6 classes, sizes 4..100 px (a skewed distribution, ~40% below 32 px),
-    random colours and rotations, drawn in order so later shapes occlude earlier ones (a
-    shape that would hide more than half of an earlier box is not placed), on a textured,
-    noisy background with distractor lines.
+    Defaults (`SyntheticParams()`): 1 to 20 shapes of 6 classes, sizes 4..100 px (a skewed
+    distribution, ~40% below 32 px), random colours and rotations, drawn in order so later
+    shapes occlude earlier ones (a shape that would hide more than half of an earlier box is
+    not placed), on a textured, noisy background with distractor lines.
     """
+    p = SyntheticParams.of(params)
     rng = np.random.default_rng([seed, index])
     s = size
     # background: low-frequency colour field + strokes + pixel noise
     low = rng.integers(0, 256, (4, 4, 3)).astype(np.uint8)
     bg = Image.fromarray(low).resize((s, s), Image.BICUBIC)
     draw = ImageDraw.Draw(bg)
-    for _ in range(int(rng.integers(3, 12))):
+    for _ in range(int(rng.integers(*p.lines))):
         x0, y0, x1, y1 = (int(v) for v in rng.integers(0, s, 4))
         draw.line([(x0, y0), (x1, y1)], fill=tuple(int(v) for v in rng.integers(0, 256, 3)),
                   width=int(rng.integers(1, 4)))
     scale = s / 320.0
     boxes, labels = [], []
-    for _ in range(int(rng.integers(1, 21))):
-        size_px = (4 + 96 * rng.random() ** 1.5) * scale      # object extent (diameter)
-        r = size_px / 2
+    for _ in range(int(rng.integers(1, p.max_objects + 1))):
+        extent = p.min_object + (p.max_object - p.min_object) * rng.random() ** p.size_power
+        r = extent * scale / 2
         cx, cy = rng.uniform(r * 0.5, s - r * 0.5, 2)
-        label = int(rng.integers(len(SYNTHETIC_CLASSES)))
+        label = int(rng.integers(p.num_classes))
         kind = SYNTHETIC_CLASSES[label]
         angle = rng.uniform(0, 2 * math.pi)
         pts = None
@@ -234,15 +276,16 @@ def _covers_earlier(box, boxes):
     return bool((ix * iy > 0.5 * area).any())
 
 
-def write_synthetic_split(root, split, num_images, seed=0, size=320):
+def write_synthetic_split(root, split, num_images, seed=0, size=320, params=None):
     """Write `num_images` synthetic images of `split` (JPEG) and their COCO json under root."""
+    params = SyntheticParams.of(params)
     root = Path(root)
     (root / split).mkdir(parents=True, exist_ok=True)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     split_seed = seed * 1000 + {"train": 1, "val": 2}.get(split, 3)
     images, anns = [], []
     for i in range(num_images):
-        image, boxes, labels = synthetic_image(split_seed, i, size)
+        image, boxes, labels = synthetic_image(split_seed, i, size, params)
         name = f"{i:06d}.jpg"
         Image.fromarray(image).save(root / split / name, quality=95)
         images.append({"id": i + 1, "file_name": name, "height": size, "width": size})
@@ -251,18 +294,34 @@ def write_synthetic_split(root, split, num_images, seed=0, size=320):
             anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": lab + 1,
                          "bbox": [round(v, 2) for v in (b[0], b[1], w, h)], "area": round(w * h, 2),
                          "iscrowd": 0})
-    cats = [{"id": k + 1, "name": n} for k, n in enumerate(SYNTHETIC_CLASSES)]
+    cats = [{"id": k + 1, "name": n} for k, n in enumerate(params.classes)]
     tmp = root / "annotations" / f"instances_{split}.json.tmp"
     with open(tmp, "w") as f:
         json.dump({"images": images, "annotations": anns, "categories": cats}, f)
     os.replace(tmp, root / "annotations" / f"instances_{split}.json")
 
 
-def ensure_synthetic(root=None, num_train=2000, num_val=200, seed=0, size=320):
-    """Generate the built-in dataset into `root` unless an identical one is already there."""
-    root = Path(root) if root is not None else default_cache_dir() / SYNTHETIC_VERSION
+def synthetic_root(params=None):
+    """Cache folder of the synthetic set: `synthetic-v1` for the default generator settings,
+    else a folder named by them (so a preset's easier set and the full set do not overwrite
+    each other; a different size or count regenerates in place)."""
+    params = SyntheticParams.of(params)
+    name = SYNTHETIC_VERSION
+    if params != SyntheticParams():
+        key = json.dumps([getattr(params, f) for f in params.__dataclass_fields__])
+        name += "-" + hashlib.sha1(key.encode()).hexdigest()[:10]
+    return default_cache_dir() / name
+
+
+def ensure_synthetic(root=None, num_train=2000, num_val=200, seed=0, size=320, params=None):
+    """Generate the built-in dataset into `root` (default `synthetic_root(params, size)`)
+    unless an identical one is already there."""
+    params = SyntheticParams.of(params)
+    root = Path(root) if root is not None else synthetic_root(params)
     want = {"version": SYNTHETIC_VERSION, "num_train": num_train, "num_val": num_val,
             "seed": seed, "size": size}
+    if params != SyntheticParams():
+        want["params"] = json.loads(json.dumps(params.__dict__))
     meta = root / "meta.json"
     if meta.is_file():
         try:
@@ -270,8 +329,8 @@ def ensure_synthetic(root=None, num_train=2000, num_val=200, seed=0, size=320):
                 return root
         except json.JSONDecodeError:
             pass
-    write_synthetic_split(root, "train", num_train, seed, size)
-    write_synthetic_split(root, "val", num_val, seed, size)
+    write_synthetic_split(root, "train", num_train, seed, size, params)
+    write_synthetic_split(root, "val", num_val, seed, size, params)
     meta.write_text(json.dumps(want))
     return root
 

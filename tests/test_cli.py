@@ -31,7 +31,7 @@ def test_help_lists_every_option(capsys):
     # every training setting is reachable from the command line
     train_opts = {o for a in subs["train"]._actions for o in a.option_strings}
     internal = {"progress", "eval_score_thr", "eval_nms_pre", "stage2_ratio_range", "ratio_range",
-                "ema_momentum", "ema_gamma"}
+                "ema_momentum", "ema_gamma", "synthetic", "synthetic_size"}   # preset-only
     for f in fields(TrainConfig):
         if f.name not in internal:
             assert "--" + f.name.replace("_", "-") in train_opts, f.name

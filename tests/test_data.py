@@ -61,6 +61,35 @@ def test_ensure_synthetic_cache(tmp_path, monkeypatch):
     assert len(ds) == 2 and ds.classes == list(D.SYNTHETIC_CLASSES)
 
 
+def test_synthetic_params_easier_set(tmp_path, monkeypatch):
+    # the default settings given explicitly reproduce the built-in set
+    for x, y in zip(D.synthetic_image(1, 2), D.synthetic_image(1, 2, params=D.SyntheticParams())):
+        np.testing.assert_array_equal(x, y)
+    p = dict(min_object=24, max_object=120, size_power=1.0, max_objects=8, num_classes=4, lines=(2, 6))
+    boxes, labels, counts = [], [], []
+    for i in range(40):
+        _, bx, lab = D.synthetic_image(0, i, 192, p)
+        boxes.append(bx)
+        labels.append(lab)
+        counts.append(len(bx))
+    boxes, labels = np.concatenate(boxes), np.concatenate(labels)
+    wh = boxes[:, 2:] - boxes[:, :2]
+    assert set(labels.tolist()) == {0, 1, 2, 3}
+    assert max(counts) <= 8 and min(counts) >= 1
+    assert wh.max() <= 120 * 192 / 320 + 0.01 and np.median(wh.max(1)) > 30
+    monkeypatch.setenv("RTMDET_CACHE", str(tmp_path))
+    root = D.ensure_synthetic(num_train=2, num_val=1, size=64, params=p)
+    assert root.parent == tmp_path and root.name.startswith(D.SYNTHETIC_VERSION + "-")
+    assert root == D.synthetic_root(D.SyntheticParams.of(p))
+    assert D.synthetic_root() == tmp_path / D.SYNTHETIC_VERSION
+    ds = D.CocoDetection(*D.dataset_paths(root, "train"))
+    assert ds.classes == ["circle", "square", "triangle", "star"]
+    with pytest.raises(ValueError, match="num_classes"):
+        D.SyntheticParams(num_classes=7)
+    with pytest.raises(ValueError, match="min_object"):
+        D.SyntheticParams(min_object=50, max_object=10)
+
+
 def test_coco_reader_round_trip(tmp_path):
     from PIL import Image
     from rtmdet.evaluation import detections_to_coco

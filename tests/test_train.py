@@ -9,7 +9,8 @@ from torch import nn
 
 from rtmdet import data as D
 from rtmdet.evaluation import coco_evaluate
-from rtmdet.train import ModelEMA, TrainConfig, lr_factor, param_groups, plot_curves, train
+from rtmdet.train import (PRESETS, ModelEMA, TrainConfig, lr_factor, param_groups, plot_curves,
+                          train)
 
 
 def test_lr_schedule_key_points():
@@ -118,3 +119,25 @@ def test_coco_eval_perfect_and_shifted(tiny_data, tmp_path):
     wrong = [dict(d, category_id=d["category_id"] % 6 + 1) for d in perfect]
     assert coco_evaluate(ann, wrong, verbose=False)["bbox_mAP"] == 0.0
     assert coco_evaluate(ann, [], verbose=False)["bbox_mAP"] == 0.0
+
+
+def test_cpu_demo_preset_synthetic_train_and_eval(tmp_path, monkeypatch):
+    """The cpu-demo preset is a valid config; its easier synthetic set goes through training
+    and `rtmdet eval` (which must regenerate/find the same set from the checkpoint's config)."""
+    from rtmdet.cli import main
+    demo = TrainConfig(**PRESETS["cpu-demo"])
+    assert demo.data == "synthetic" and demo.model == "tiny" and demo.threads == 2
+    assert demo.lr > 0.004 * demo.batch_size / 256 and demo.save_predictions > 0
+    params = D.SyntheticParams.of(demo.synthetic)
+    assert params.num_classes >= 3 and demo.synthetic_size == demo.img_size
+    monkeypatch.setenv("RTMDET_CACHE", str(tmp_path / "cache"))
+    cfg = _cfg(None, tmp_path / "run", data="synthetic", synthetic=demo.synthetic, synthetic_size=64,
+               num_train_images=4, num_val_images=2, epochs=1, stage2_epochs=0, eval_interval=1)
+    metrics = train(cfg)
+    assert 0.0 <= metrics["bbox_mAP"] <= 1.0
+    ck = torch.load(tmp_path / "run/last.pth", weights_only=False)
+    assert ck["classes"] == list(params.classes)
+    assert (D.synthetic_root(params) / "annotations/instances_val.json").is_file()
+    assert main(["eval", str(tmp_path / "run/last.pth"), "--threads", "2", "--workers", "0",
+                 "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev/metrics.json").read_text())["bbox_mAP"] >= 0.0
