@@ -8,6 +8,8 @@ so no top-level module named `kernels` (a PyPI package) is ever installed.
 """
 import glob
 import os
+import subprocess
+import sys
 
 from setuptools import setup
 
@@ -16,15 +18,41 @@ def _flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
+def _find_installed_torch():
+    """Make the target environment's torch importable inside pip's isolated build env.
+
+    A plain `pip install -e .` builds in an isolated environment without the user's torch;
+    the extension must be compiled against the torch it will run with, so ask the same
+    interpreter, without the isolation's PYTHONPATH, where its torch lives and append that.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE")}
+    try:
+        found = subprocess.run(
+            [sys.executable, "-c", "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))"],
+            env=env, capture_output=True, text=True, timeout=120, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return False
+    if found and found not in sys.path:
+        sys.path.append(found)
+    return bool(found)
+
+
 def native_extensions():
     if _flag("RTMDET_NO_NATIVE"):
         print("rtmdet: RTMDET_NO_NATIVE set, building no native ops")
         return [], {}
     try:
+        import torch  # noqa: F401
+    except ImportError:
+        if not _find_installed_torch():
+            print("rtmdet: torch is not importable at build time, building no native ops "
+                  "(install torch first)")
+            return [], {}
+    try:
         import torch
         from torch.utils import cpp_extension
-    except ImportError:
-        print("rtmdet: torch is not importable at build time, building no native ops")
+    except ImportError as exc:
+        print(f"rtmdet: cannot import torch at build time ({exc}), building no native ops")
         return [], {}
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"] if os.name != "nt" else ["/O2"]

@@ -127,8 +127,21 @@ def _soft_cost0_fast(x):
     """f(x, 0) with the fast hardware exp2/log2 (relative error ~1e-7): only for the S0 sum,
     whose terms are added in another order than the reference's anyway."""
     e = tl.exp2(-tl.abs(x) * 1.4426950408889634)
-    sig = tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    r = tl.fdiv(1.0, 1.0 + e, ieee_rounding=False)
+    sig = tl.where(x >= 0, r, e * r)
     return (tl.maximum(x, 0.0) + tl.log2(1.0 + e) * 0.6931471805599453) * (sig * sig)
+
+
+@triton.jit
+def _load_rows4(ptr, rows, mask):
+    """Rows of an (R, 4) float32 tensor -> its four columns, one 16-byte load per row (four
+    strided 4-byte loads per row made the per-gt scans L1-bound)."""
+    box = tl.load(ptr + rows[:, None] * 4 + tl.arange(0, 4)[None, :], mask=mask[:, None],
+                  other=0.0)
+    even, odd = tl.split(tl.reshape(box, (box.shape[0], 2, 2)))  # (c0, c2), (c1, c3)
+    c0, c2 = tl.split(even)
+    c1, c3 = tl.split(odd)
+    return c0, c1, c2, c3
 
 
 @triton.jit
@@ -306,11 +319,7 @@ def _gt_kernel(priors_ptr, pred_ptr, logits_ptr, s0_ptr, valid_ptr, gtb_ptr, gtl
             n = n0 + tl.arange(0, BLOCK_IOU)
             n0 += BLOCK_IOU
             nm = n < N
-            pb = pred_ptr + (base + n) * 4
-            bx1 = tl.load(pb, mask=nm, other=0.0)
-            by1 = tl.load(pb + 1, mask=nm, other=0.0)
-            bx2 = tl.load(pb + 2, mask=nm, other=0.0)
-            by2 = tl.load(pb + 3, mask=nm, other=0.0)
+            bx1, by1, bx2, by2 = _load_rows4(pred_ptr, base + n, nm)
             # Cheap filter without a division: iou > low <=> inter > low * union (with slack
             # for rounding); only tiles where some prior passes pay for the exact IoU.
             w = tl.maximum(tl.minimum(bx2, gx2) - tl.maximum(bx1, gx1), 0.0)
@@ -348,19 +357,16 @@ def _gt_kernel(priors_ptr, pred_ptr, logits_ptr, s0_ptr, valid_ptr, gtb_ptr, gtl
             n_hi -= BLOCK_N
             nm = n >= 0
             valid = tl.load(valid_ptr + base + n, mask=nm, other=0) != 0
-            px = tl.load(priors_ptr + n * 4, mask=nm, other=0.0)
-            py = tl.load(priors_ptr + n * 4 + 1, mask=nm, other=0.0)
-            stride = tl.load(priors_ptr + n * 4 + 2, mask=nm, other=1.0)
+            px, py, stride, _ = _load_rows4(priors_ptr, n, nm)
+            stride = tl.where(nm, stride, 1.0)
             # dist <= max_dist without sqrt or division (slack for rounding; inf passes all)
             dx = px - cx
             dy = py - cy
             reach = tl.maximum(max_dist, 0.0) * stride
             need = valid & (dx * dx + dy * dy <= reach * reach * 1.00001)
             if tl.max(need.to(tl.int32), axis=0) > 0:
-                pb = pred_ptr + (base + n) * 4
-                iou = _iou(tl.load(pb, mask=need, other=0.0), tl.load(pb + 1, mask=need, other=0.0),
-                           tl.load(pb + 2, mask=need, other=0.0), tl.load(pb + 3, mask=need, other=0.0),
-                           gx1, gy1, gx2, gy2, RN)
+                bx1, by1, bx2, by2 = _load_rows4(pred_ptr, base + n, need)
+                iou = _iou(bx1, by1, bx2, by2, gx1, gy1, gx2, gy2, RN)
                 if MMDET:
                     s0 = tl.load(s0_ptr + base + n, mask=need, other=0.0)
                 else:
