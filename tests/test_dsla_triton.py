@@ -236,3 +236,11 @@ def test_gpu_cuda_graph_replay():
     torch.cuda.synchronize()
     for a, b in zip(expected, out):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mmyolo", [False, True])
+def test_gpu_opcheck(mmyolo):
+    case = gpu_case(7, 4, 12, pad="anywhere")
+    torch.library.opcheck(torch.ops.rtmdet.dsl_assign_triton.default,
+                          (*case_args(case), 13, 3.0, 3.0, mmyolo))
