@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
-from ._checks import check_dim, check_same_device, check_tensor, check_values, describe
+from ._checks import (check_dim, check_same_device, check_tensor, check_values, describe,
+                      value_checks_active)
 from .geometry import _iou
 
 EPS = 1e-7
@@ -41,8 +42,9 @@ def dsl_assign(priors, pred_bboxes, pred_logits, gt_bboxes, gt_labels, gt_mask=N
     args = _prepare(priors, pred_bboxes, pred_logits, gt_bboxes, gt_labels, gt_mask,
                     topk, semantics)
     unbatched, (priors, pred_bboxes, pred_logits, gt_bboxes, gt_labels, gt_mask) = args
-    impl = _backend.resolve_backend("dsl_assign", backend, priors.device, _implementations())
-    fn = dsl_assign_ref if impl == "torch" else _implementations()[impl]
+    impls = _implementations()
+    impl = _backend.resolve_backend("dsl_assign", backend, priors.device, impls)
+    fn = dsl_assign_ref if impl == "torch" else impls[impl]
     out = fn(priors, pred_bboxes, pred_logits, gt_bboxes, gt_labels, gt_mask,
              topk=topk, soft_center_radius=float(soft_center_radius),
              iou_weight=float(iou_weight), semantics=semantics)
@@ -114,10 +116,12 @@ def _prepare(priors, pred_bboxes, pred_logits, gt_bboxes, gt_labels, gt_mask, to
     if C == 0 and G > 0:
         raise ValueError(f"pred_logits must have at least one class, got {describe(pred_logits)}")
     # Padded gts may hold anything (zeros, -1 labels, NaN boxes): only real ones are checked.
-    check_values(finite=[("priors", priors), ("pred_bboxes", pred_bboxes),
-                         ("pred_logits", pred_logits),
-                         ("gt_bboxes", gt_bboxes.masked_fill(~gt_mask[..., None], 0))],
-                 labels=("gt_labels", gt_labels, 0, C, gt_mask))
+    # The masked copy is made only when the checks run (not in training with checks off).
+    if value_checks_active(pred_logits):
+        check_values(finite=[("priors", priors), ("pred_bboxes", pred_bboxes),
+                             ("pred_logits", pred_logits),
+                             ("gt_bboxes", gt_bboxes.masked_fill(~gt_mask[..., None], 0))],
+                     labels=("gt_labels", gt_labels, 0, C, gt_mask))
     return unbatched, (priors, pred_bboxes, pred_logits, gt_bboxes, gt_labels.long(), gt_mask)
 
 

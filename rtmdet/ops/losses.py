@@ -72,11 +72,12 @@ def quality_focal_loss(logits, labels, scores, weight=None, beta=2.0, reduction=
     weight = _check_weight("quality_focal_loss", weight, M, logits.device)
     check_values(finite=[("logits", logits), ("scores", scores), ("weight", weight)],
                  labels=("labels", labels, -1 if M else 0, C + 1, None))
-    impl = _backend.resolve_backend("quality_focal_loss", backend, logits.device, _qfl_impls())
+    impls = _qfl_impls()
+    impl = _backend.resolve_backend("quality_focal_loss", backend, logits.device, impls)
     if impl == "torch":
         loss = quality_focal_loss_ref(logits, labels, scores, beta=beta)
     else:
-        loss = _qfl_impls()[impl](logits, labels, scores, beta)
+        loss = impls[impl](logits, labels, scores, beta)
     return reduce_loss(loss, weight, reduction, avg_factor)
 
 
@@ -120,11 +121,12 @@ def giou_loss(pred, target, weight=None, reduction="mean", avg_factor=None, eps=
     check_same_device(pred=pred, target=target, weight=weight)
     weight = _check_weight("giou_loss", weight, pred.shape[0], pred.device)
     check_values(finite=[("pred", pred), ("target", target), ("weight", weight)])
-    impl = _backend.resolve_backend("giou_loss", backend, pred.device, _giou_impls())
+    impls = _giou_impls()
+    impl = _backend.resolve_backend("giou_loss", backend, pred.device, impls)
     if impl == "torch":
         loss = giou_loss_ref(pred, target, eps=eps)
     else:
-        loss = _giou_impls()[impl](pred, target, eps)
+        loss = impls[impl](pred, target, eps)
     return reduce_loss(loss, weight, reduction, avg_factor)
 
 

@@ -16,9 +16,10 @@ def nms(boxes, scores, iou_threshold, backend="auto"):
     check_tensor("scores", scores, ndim=1, floating=True)
     check_dim("scores", scores, 0, boxes.shape[0], "M, the rows of boxes")
     check_same_device(boxes=boxes, scores=scores)
-    impl = _backend.resolve_backend("nms", backend, boxes.device, _nms_impls())
+    impls = _nms_impls()
+    impl = _backend.resolve_backend("nms", backend, boxes.device, impls)
     if impl != "torch":
-        return _nms_impls()[impl](boxes, scores, float(iou_threshold))
+        return impls[impl](boxes, scores, float(iou_threshold))
     return nms_ref(boxes, scores, float(iou_threshold))
 
 
