@@ -207,21 +207,26 @@ def fmt(r):
 
 
 def sweep_qfl(reps_ms):
-    """fwd+bwd of the Triton QFL over its tunables (elements per program, warps)."""
-    sets = qfl_sets(torch.float32)
-    fn = qfl_fn("triton")
+    """The Triton QFL's two kernels alone over their tunables (elements per program, warps),
+    fp32 at the benchmark size: forward (loss + saved gradient) and backward (scaling)."""
+    x, labels, scores, _ = qfl_sets(torch.float32)[0]
+    x = x.detach()
+    saved_grad = torch.empty_like(x)
+    grad_loss = torch.rand(x.shape[0], device=DEVICE)
     rows = []
-    saved = (qfl_mod.QFL_ELEMENTS, qfl_mod.QFL_NUM_WARPS)
-    for elements, warps in itertools.product((1024, 2048, 4096, 8192, 16384), (2, 4, 8, 16)):
-        if elements < 32 * warps * 2:
-            continue
-        qfl_mod.QFL_ELEMENTS, qfl_mod.QFL_NUM_WARPS = elements, warps
-        cycle = itertools.cycle(sets)
-        t = bench(lambda: fn(*next(cycle)).backward(), reps_ms, grad_to_none=[s[0] for s in sets])
-        rows.append({"elements": elements, "num_warps": warps, **t})
-        print(f"  sweep QFL_ELEMENTS={elements} QFL_NUM_WARPS={warps}: {t['p50']:.4f} ms",
-              flush=True)
-    qfl_mod.QFL_ELEMENTS, qfl_mod.QFL_NUM_WARPS = saved
+    saved = (qfl_mod.QFL_ELEMENTS, qfl_mod.QFL_NUM_WARPS, qfl_mod.QFL_SCALE_ELEMENTS,
+             qfl_mod.QFL_SCALE_NUM_WARPS)
+    fwd = lambda: torch.ops.rtmdet.qfl_triton_fwd(x, labels, scores, 2.0, True)  # noqa: E731
+    bwd = lambda: torch.ops.rtmdet.qfl_triton_scale_rows(grad_loss, saved_grad)  # noqa: E731
+    for elements, warps in itertools.product((2048, 4096, 8192, 16384), (4, 8, 16)):
+        qfl_mod.QFL_ELEMENTS = qfl_mod.QFL_SCALE_ELEMENTS = elements
+        qfl_mod.QFL_NUM_WARPS = qfl_mod.QFL_SCALE_NUM_WARPS = warps
+        t_f, t_b = bench(fwd, reps_ms)["p50"], bench(bwd, reps_ms)["p50"]
+        rows.append({"elements": elements, "num_warps": warps, "forward": t_f, "backward": t_b})
+        print(f"  sweep elements={elements} num_warps={warps}: forward {t_f:.4f} ms, "
+              f"backward {t_b:.4f} ms", flush=True)
+    (qfl_mod.QFL_ELEMENTS, qfl_mod.QFL_NUM_WARPS, qfl_mod.QFL_SCALE_ELEMENTS,
+     qfl_mod.QFL_SCALE_NUM_WARPS) = saved
     return rows
 
 
@@ -307,8 +312,9 @@ def markdown(report):
                      f"gradient once) {v['floor_ms']:.4f} ms; saved-gradient design minimum "
                      f"{v['saved_grad_floor_ms']:.4f} ms.")
     if "qfl_sweep_fp32" in report:
-        lines += ["", "| QFL_ELEMENTS | QFL_NUM_WARPS | fwd+bwd p50 ms |", "|---|---|---|"]
-        lines += [f"| {r['elements']} | {r['num_warps']} | {r['p50']:.4f} |"
+        lines += ["", "| elements | num_warps | forward kernel p50 ms | backward kernel p50 ms |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['elements']} | {r['num_warps']} | {r['forward']:.4f} | {r['backward']:.4f} |"
                   for r in report["qfl_sweep_fp32"]]
     return "\n".join(lines) + "\n"
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One device call: set up, build, run the GPU tests and the benchmarks, logs under $OUT.
-# Usage (on the device, from the repo root): bash benches/gpu_run.sh [setup] [test] [dsla] [losses] [step] [cpp]
+# Usage (on the device, from the repo root):
+#   bash benches/gpu_run.sh [setup] [profile] [sweep] [test] [dsla] [losses] [step]
+# profile: per-kernel DSLA times; sweep: the DSLA and QFL tunables (and QFL's in bench losses).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -20,6 +22,16 @@ if [[ $stages == *" setup "* ]]; then
   log "build took $(( $(date +%s) - start )) s"; grep -E "^rtmdet:" "$OUT/build.log" | tee -a "$OUT/summary.txt"
   python3 -c "import rtmdet, json; print(json.dumps(rtmdet.ops.backend_info()))" | tee -a "$OUT/summary.txt"
 fi
+if [[ $stages == *" profile "* ]]; then
+  log "profile dsla"
+  timeout 200 python3 benches/profile_dsla.py > "$OUT/profile_dsla.log" 2>&1
+  log "profile rc=$?"; cat "$OUT/profile_dsla.log" | tail -40 | tee -a "$OUT/summary.txt"
+fi
+if [[ $stages == *" sweep "* ]]; then
+  log "sweep dsla"
+  timeout 300 python3 benches/profile_dsla.py --sweep > "$OUT/sweep_dsla.log" 2>&1
+  log "sweep dsla rc=$?"; tail -40 "$OUT/sweep_dsla.log" | tee -a "$OUT/summary.txt"
+fi
 if [[ $stages == *" test "* ]]; then
   log "gpu tests"
   timeout 400 python3 -m pytest -q -m gpu -x -p no:cacheprovider --durations=10 tests > "$OUT/test_gpu.log" 2>&1
@@ -28,7 +40,8 @@ fi
 for b in dsla losses; do
   if [[ $stages == *" $b "* ]]; then
     log "bench $b"
-    timeout 300 python3 benches/bench_$b.py --out "$OUT" > "$OUT/bench_$b.log" 2>&1
+    extra=""; [[ $b == losses && $stages == *" sweep "* ]] && extra="--sweep"
+    timeout 300 python3 benches/bench_$b.py --out "$OUT" $extra > "$OUT/bench_$b.log" 2>&1
     log "bench $b rc=$?"; tail -30 "$OUT/bench_$b.log" | tee -a "$OUT/summary.txt"
   fi
 done

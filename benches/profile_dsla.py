@@ -52,25 +52,24 @@ def kernel_resources():
 
 def sweep():
     """Median time of dsl_assign_triton over TUNING choices for the three target configs."""
-    import itertools
     import triton.testing
     for name, B, img, G in CONFIGS:
         case = make_case(7, B=B, img_size=img, G=G, C=80, kind="random", device="cuda")
         args = case_args(case)
         ref = dsla.dsl_assign_triton(*args)
-        for block_n, warps, block_iou in [(64, 1, 64), (32, 1, 32)]:
-            dsla.TUNING.update(block_n=block_n, num_warps_gt=warps, block_iou=block_iou)
+        saved = dict(dsla.TUNING)
+        for block_n, warps, tchunk, bc, warps_prior in [
+                (64, 1, 128, 32, 2), (64, 1, 256, 32, 2), (64, 2, 256, 32, 2), (32, 1, 256, 32, 2),
+                (64, 1, 64, 32, 2), (64, 1, 128, 16, 2), (64, 1, 128, 32, 4)]:
+            dsla.TUNING.update(block_n=block_n, num_warps_gt=warps, tchunk=tchunk, block_c=bc,
+                               num_warps_prior=warps_prior)
             out = dsla.dsl_assign_triton(*args)
             same = all(torch.equal(a, b) for a, b in zip(out, ref))
             ms = triton.testing.do_bench(lambda: dsla.dsl_assign_triton(*args), return_mode="median")
-            print(f"{name}: block_n {block_n:4d} warps {warps} block_iou {block_iou}: {ms:.3f} ms {'' if same else 'DIFFERENT'}"
-                  f" {kernel_resources()}")
-        dsla.TUNING.update(block_n=64, num_warps_gt=1, block_iou=64)
-        for bnp, bc, warps in [(32, 32, 1), (64, 32, 2), (64, 32, 4), (128, 32, 4), (32, 128, 2)]:
-            dsla.TUNING.update(block_n_prior=bnp, block_c=bc, num_warps_prior=warps)
-            ms = triton.testing.do_bench(lambda: dsla.dsl_assign_triton(*args), return_mode="median")
-            print(f"{name}: prior pass block_n {bnp} block_c {bc} warps {warps}: {ms:.3f} ms")
-        dsla.TUNING.update(block_n_prior=64, block_c=32, num_warps_prior=2)
+            print(f"{name}: block_n {block_n} warps_gt {warps} tchunk {tchunk} block_c {bc} "
+                  f"warps_prior {warps_prior}: {ms:.3f} ms {'' if same else 'DIFFERENT'} "
+                  f"{kernel_resources()}", flush=True)
+        dsla.TUNING.update(saved)
 
 
 if __name__ == "__main__" and "--sweep" in sys.argv:

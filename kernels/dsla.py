@@ -5,14 +5,17 @@ contested prior the cheaper gt then the lower gt index), without any (B, N, G) t
 
 Passes (all on device, fixed grids, no host synchronisation; B, N, G are runtime ints):
   1. prior pass, grid (B * N/BLOCK): valid[b, n] (inside a real gt), S0[b, n] = sum_c
-     f(x[n, c], 0) (mmdet only; each logits row streamed once), zeroed selection state.
+     f(x[n, c], 0) (mmdet only; each logits row streamed once), zeroed selection state, and
+     per tile of BLOCK priors a descriptor: the box around its valid priors' centres and the
+     box around its predicted boxes (B * N/BLOCK * 8 floats).
   2. gt pass, grid (B * G), one program per gt, its lists in registers (no (B, N, G) tensor):
-     a. scan all priors for the TOPK largest IoUs -> k = int(their sum, added in descending
-        order), at least 1;
-     b. scan the valid priors from the coarsest level down for the k smallest keys
-        (ordered(cost) << 32 | n), skipping every tile whose centre cost alone exceeds the
-        k-th kept cost (a lower bound: the other terms are >= -margin), so only priors near
-        the gt cost transcendentals and a logit gather;
+     a. scan the tiles that can hold one of the TOPK largest IoUs (the gt's overlap with the
+        tile's box of predictions bounds them), largest bound first -> k = int(their sum,
+        added in descending order), at least 1;
+     b. scan the valid priors, nearest tile first, for the k smallest keys
+        (ordered(cost) << 32 | n), skipping every tile (from its descriptor, unread) and
+        prior whose centre cost alone exceeds the k-th kept cost (a lower bound: the other
+        terms are >= -margin), so only priors near the gt cost transcendentals and a gather;
      c. integer atomics per selected prior: count += 1, owner = max(owner, g); a prior
         reaching count 2 is appended to its image's list of contested priors.
   3. resolve, grid (B * CAP/BLOCK_P): each contested prior recomputes its cost against every
@@ -23,7 +26,8 @@ so outputs are bitwise deterministic.
 
 Precision: IoU and the centre distance are computed with correctly rounded operations
 (no FMA contraction on the GPU), so IoUs, and hence dynamic k, match the reference exactly;
-transcendental functions use libdevice on the GPU and numpy under TRITON_INTERPRET.
+transcendental functions use libdevice on the GPU and numpy under TRITON_INTERPRET, except in
+the S0 sum (hardware exp2/log2/rcp, kernels/fastmath.py, relative error < 2e-6 per term).
 """
 import os
 
@@ -33,14 +37,15 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 from triton.language.extra import libdevice
 
+from .fastmath import softplus_sigmoid
 from .qfl import column_block
 
-# Tunables: block_iou / block_n priors per step of the per-gt IoU / cost scans (num_warps_gt
-# warps; small cost tiles prune more finely); block_n_prior
-# priors per program of the prior and finish passes (at most block_c classes per step of
-# the S0 sum); block_p contested priors x block_g gts per tile of the resolve pass.
-TUNING = dict(block_n=64, num_warps_gt=1, block_iou=64, block_n_prior=64, num_warps_prior=2,
-              block_c=32, block_g=32, block_p=16, num_warps=4, prune=True)
+# Tunables: block_n priors per tile: one program of the prior and finish passes (num_warps_prior
+# warps, at most block_c classes per step of the S0 sum) and one step of the per-gt scans
+# (num_warps_gt warps, tile descriptors read tchunk at a time; small tiles prune more
+# finely); block_p contested priors x block_g gts per tile of the resolve pass.
+TUNING = dict(block_n=64, num_warps_gt=1, tchunk=128, num_warps_prior=2, block_c=32,
+              block_g=32, block_p=16, num_warps=4, prune=True)
 MAX_TOPK = 32
 _SENTINEL = tl.constexpr(0x7FFFFFFFFFFFFFFF)  # key of "no candidate": above every real key
 _NO_SLOT = tl.constexpr(-0x7FFFFFFFFFFFFFFF)   # an inactive list slot: below every real key
@@ -120,16 +125,6 @@ def _soft_cost0(x, RN: tl.constexpr):
     sig = tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
     bce = tl.maximum(x, 0.0) + _log1p(e, RN)
     return _mul(bce, _mul(sig, sig, RN), RN)
-
-
-@triton.jit
-def _soft_cost0_fast(x):
-    """f(x, 0) with the fast hardware exp2/log2 (relative error ~1e-7): only for the S0 sum,
-    whose terms are added in another order than the reference's anyway."""
-    e = tl.exp2(-tl.abs(x) * 1.4426950408889634)
-    r = tl.fdiv(1.0, 1.0 + e, ieee_rounding=False)
-    sig = tl.where(x >= 0, r, e * r)
-    return (tl.maximum(x, 0.0) + tl.log2(1.0 + e) * 0.6931471805599453) * (sig * sig)
 
 
 @triton.jit
@@ -231,8 +226,9 @@ def _row_s0(logits_ptr, row, nmask, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.conste
         c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
         m = nmask[:, None] & (c < C)[None, :]
         x = tl.load(logits_ptr + row[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
-        if RN:
-            f0 = _soft_cost0_fast(x)
+        if RN:  # hardware transcendentals: the S0 terms are added in another order anyway
+            sig, _, sp = softplus_sigmoid(x, True)
+            f0 = sp * (sig * sig)
         else:
             f0 = _soft_cost0(x, RN)
         acc += tl.sum(tl.where(m, f0, 0.0), axis=1)
@@ -244,18 +240,21 @@ def _row_s0(logits_ptr, row, nmask, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.conste
 # ----------------------------------------------------------------------------------------
 
 @triton.jit
-def _prior_kernel(priors_ptr, logits_ptr, gtb_ptr, gtm_ptr, s0_ptr, valid_ptr, count_ptr,
-                  owner_ptr, ccount_ptr, N, G, C, NT, WITH_S0: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
-                  C_BLOCKS: tl.constexpr, RN: tl.constexpr):
-    """Per prior: valid (inside a real gt), S0 (mmdet), and the zeroed selection state."""
+def _prior_kernel(priors_ptr, pred_ptr, logits_ptr, gtb_ptr, gtm_ptr, s0_ptr, valid_ptr,
+                  desc_ptr, tstride_ptr, count_ptr, owner_ptr, ccount_ptr, N, G, C, NT,
+                  MMDET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+                  BLOCK_C: tl.constexpr, C_BLOCKS: tl.constexpr, RN: tl.constexpr):
+    """Per prior: valid (inside a real gt), S0 (mmdet), and the zeroed selection state.
+    Per tile of BLOCK_N priors (the per-gt scans' unit): its descriptor, 8 floats = the box
+    around its valid priors' centres and the box around the predicted boxes that can take part
+    in the IoU top-k (valid priors for mmdet, all for mmyolo), empty = (BIG, BIG, -BIG, -BIG);
+    and (image 0 only) its largest stride."""
     pid = tl.program_id(0)
     b = pid // NT
     t = pid % NT
     n = t * BLOCK_N + tl.arange(0, BLOCK_N)
     nm = n < N
-    px = tl.load(priors_ptr + n * 4, mask=nm, other=0.0).to(tl.float32)
-    py = tl.load(priors_ptr + n * 4 + 1, mask=nm, other=0.0).to(tl.float32)
+    px, py, stride, _ = _load_rows4(priors_ptr, n, nm)
     inside = tl.zeros((BLOCK_N,), tl.int32)
     g0 = 0
     while g0 < G:
@@ -278,18 +277,44 @@ def _prior_kernel(priors_ptr, logits_ptr, gtb_ptr, gtm_ptr, s0_ptr, valid_ptr, c
     tl.store(owner_ptr + row, tl.full((BLOCK_N,), -1, tl.int32), mask=nm)
     tl.store(ccount_ptr + b + tl.zeros((BLOCK_N,), tl.int32), tl.zeros((BLOCK_N,), tl.int32),
              mask=(tl.arange(0, BLOCK_N) == 0) & (t == 0))
-    if WITH_S0:
+
+    valid = nm & (inside > 0)
+    bx1, by1, bx2, by2 = _load_rows4(pred_ptr, row, nm)
+    if MMDET:
+        pool = valid
+    else:
+        pool = nm
+    pool = pool & (bx2 > bx1) & (by2 > by1)  # only boxes with an area can overlap a gt
+    BIG = 1.0e30  # beyond any coordinate, and BIG + BIG does not overflow
+    j = tl.arange(0, 8)
+    desc = tl.where(j == 0, tl.min(tl.where(valid, px, BIG), axis=0), BIG)
+    desc = tl.where(j == 1, tl.min(tl.where(valid, py, BIG), axis=0), desc)
+    desc = tl.where(j == 2, tl.max(tl.where(valid, px, -BIG), axis=0), desc)
+    desc = tl.where(j == 3, tl.max(tl.where(valid, py, -BIG), axis=0), desc)
+    desc = tl.where(j == 4, tl.min(tl.where(pool, bx1, BIG), axis=0), desc)
+    desc = tl.where(j == 5, tl.min(tl.where(pool, by1, BIG), axis=0), desc)
+    desc = tl.where(j == 6, tl.max(tl.where(pool, bx2, -BIG), axis=0), desc)
+    desc = tl.where(j == 7, tl.max(tl.where(pool, by2, -BIG), axis=0), desc)
+    tl.store(desc_ptr + pid.to(tl.int64) * 8 + j, desc)
+    smax = tl.max(tl.where(nm, stride, 0.0), axis=0)
+    tl.store(tstride_ptr + t + j, smax + 0.0 * desc, mask=(j == 0) & (b == 0))
+    if MMDET:
         tl.store(s0_ptr + row, _row_s0(logits_ptr, row, nm, C, BLOCK_N, BLOCK_C, C_BLOCKS, RN), mask=nm)
 
 
 @triton.jit
-def _gt_kernel(priors_ptr, pred_ptr, logits_ptr, s0_ptr, valid_ptr, gtb_ptr, gtl_ptr, gtm_ptr,
-               count_ptr, owner_ptr, clist_ptr, ccount_ptr, N, G, C, CAP, radius, iou_weight,
-               margin, MMDET: tl.constexpr, PRUNE: tl.constexpr, TOPK: tl.constexpr,
-               KL: tl.constexpr, BLOCK_IOU: tl.constexpr, BLOCK_N: tl.constexpr,
-               RN: tl.constexpr):
+def _gt_kernel(priors_ptr, pred_ptr, logits_ptr, s0_ptr, valid_ptr, desc_ptr, tstride_ptr,
+               gtb_ptr, gtl_ptr, gtm_ptr, count_ptr, owner_ptr, clist_ptr, ccount_ptr, N, G, C,
+               NT, CAP, radius, iou_weight, margin, MMDET: tl.constexpr, PRUNE: tl.constexpr,
+               TOPK: tl.constexpr, KL: tl.constexpr, BLOCK_N: tl.constexpr,
+               TCHUNK: tl.constexpr, RN: tl.constexpr):
     """One program per (image, gt): dynamic k from its TOPK largest IoUs, then its k cheapest
-    valid priors, registered with integer atomics (count, owner, contested list)."""
+    valid priors, registered with integer atomics (count, owner, contested list).
+
+    Both scans visit tiles of BLOCK_N priors (the prior pass's tiles), best first within
+    chunks of TCHUNK tile descriptors, and skip every tile whose descriptor bound shows it cannot
+    contribute. Order changes no result (both lists keep exact top-k sets of distinct values /
+    keys); it only makes the bounds prune sooner."""
     pid = tl.program_id(0)
     b = pid // G
     g = pid % G
@@ -306,34 +331,48 @@ def _gt_kernel(priors_ptr, pred_ptr, logits_ptr, s0_ptr, valid_ptr, gtb_ptr, gtl
         area_g = (gx2 - gx1) * (gy2 - gy1)
         slot = tl.arange(0, KL)
         lane = tl.arange(0, BLOCK_N)
+        tlane = tl.arange(0, TCHUNK)
         base = b.to(tl.int64) * N
+        dbase = b.to(tl.int64) * NT
 
         # 1. Dynamic k: the TOPK largest IoUs (mmdet: valid priors; mmyolo: all priors). The
         # list keeps the KL >= TOPK largest (0 = empty: IoUs are >= 0), `low` its minimum.
+        # Tile bound: iou <= inter / area_g (union >= area_g) and inter <= `over`, the gt's
+        # overlap with the box around the tile's predicted boxes; tiles with over < low *
+        # area_g (slack for rounding) are skipped, the largest `over` goes first.
         top = tl.zeros((KL,), tl.float32)
         low = tl.min(top, axis=0)
-        # Loads do not depend on each other (no masks from earlier loads): the scan is bound by
-        # memory latency, so each step issues all of its loads at once, over a wide tile.
-        n0 = 0
-        while n0 < N:
-            n = n0 + tl.arange(0, BLOCK_IOU)
-            n0 += BLOCK_IOU
-            nm = n < N
-            bx1, by1, bx2, by2 = _load_rows4(pred_ptr, base + n, nm)
-            # Cheap filter without a division: iou > low <=> inter > low * union (with slack
-            # for rounding); only tiles where some prior passes pay for the exact IoU.
-            w = tl.maximum(tl.minimum(bx2, gx2) - tl.maximum(bx1, gx1), 0.0)
-            h = tl.maximum(tl.minimum(by2, gy2) - tl.maximum(by1, gy1), 0.0)
-            inter = w * h
-            union = tl.maximum((bx2 - bx1) * (by2 - by1) + area_g - inter, 1e-6)
-            maybe = nm & (inter > 0.0) & (inter >= low * union * 0.99999)
-            if MMDET:
-                maybe = maybe & (tl.load(valid_ptr + base + n, mask=nm, other=0) != 0)
-            if tl.max(maybe.to(tl.int32), axis=0) > 0:
-                iou = _iou(bx1, by1, bx2, by2, gx1, gy1, gx2, gy2, RN)
-                counted = maybe & (iou > low)
-                # one insertion per candidate: measured faster than a bitonic tl.topk merge
-                top, low = _keep_largest(top, low, tl.where(counted, iou, -1.0), slot, KL)
+        t0 = 0
+        while t0 < NT:
+            tt = t0 + tlane
+            tm = tt < NT
+            ux1, uy1, ux2, uy2 = _load_rows4(desc_ptr, (dbase + tt) * 2 + 1, tm)
+            over = (tl.maximum(tl.minimum(ux2, gx2) - tl.maximum(ux1, gx1), 0.0)
+                    * tl.maximum(tl.minimum(uy2, gy2) - tl.maximum(uy1, gy1), 0.0))
+            left = tm & (over > 0.0)
+            keep = left & (over >= low * area_g * 0.9999)
+            while tl.max(keep.to(tl.int32), axis=0) > 0:
+                best = tl.argmax(tl.where(keep, over, -1.0), axis=0)
+                left = left & (tlane != best)
+                n = (t0 + best) * BLOCK_N + lane
+                nm = n < N
+                bx1, by1, bx2, by2 = _load_rows4(pred_ptr, base + n, nm)
+                # Cheap filter without a division: iou > low <=> inter > low * union (with
+                # slack for rounding); only tiles where some prior passes pay for the exact IoU.
+                w = tl.maximum(tl.minimum(bx2, gx2) - tl.maximum(bx1, gx1), 0.0)
+                h = tl.maximum(tl.minimum(by2, gy2) - tl.maximum(by1, gy1), 0.0)
+                inter = w * h
+                union = tl.maximum((bx2 - bx1) * (by2 - by1) + area_g - inter, 1e-6)
+                maybe = nm & (inter > 0.0) & (inter >= low * union * 0.99999)
+                if MMDET:
+                    maybe = maybe & (tl.load(valid_ptr + base + n, mask=nm, other=0) != 0)
+                if tl.max(maybe.to(tl.int32), axis=0) > 0:
+                    iou = _iou(bx1, by1, bx2, by2, gx1, gy1, gx2, gy2, RN)
+                    counted = maybe & (iou > low)
+                    # one insertion per candidate: faster than a bitonic tl.topk merge
+                    top, low = _keep_largest(top, low, tl.where(counted, iou, -1.0), slot, KL)
+                keep = left & (over >= low * area_g * 0.9999)
+            t0 += TCHUNK
         vals = top
         total = 0.0
         for i in range(TOPK):  # descending order, as the reference adds them
@@ -341,46 +380,63 @@ def _gt_kernel(priors_ptr, pred_ptr, logits_ptr, s0_ptr, valid_ptr, gtb_ptr, gtl
             vals = tl.where(slot == tl.argmax(vals, axis=0), -1.0, vals)
         k = tl.maximum(total.to(tl.int32), 1)
 
-        # 2. The k cheapest valid priors, scanning from the last (coarsest) level down. The
-        # class cost is >= 0 and the IoU cost >= -iou_weight * 1e-7, so cost >= centre cost -
-        # margin: once k candidates are kept, a prior whose centre cost alone exceeds the k-th
-        # kept cost + margin cannot enter (nor tie), and tiles of such priors are skipped
-        # before any logit is read. Exact for any priors; fast when they are grid-ordered.
+        # 2. The k cheapest valid priors. The class cost is >= 0 and the IoU cost >=
+        # -iou_weight * 1e-7, so cost >= centre cost - margin: once k candidates are kept, a
+        # prior whose centre cost alone exceeds the k-th kept cost + margin cannot enter (nor
+        # tie), i.e. its centre distance exceeds max_dist strides. A tile is skipped, before
+        # any of its priors is read, when the box around its valid priors' centres is farther
+        # than max_dist times its largest stride; the nearest tile (in strides) goes first.
         keys = tl.where(slot < k, _SENTINEL, _NO_SLOT)
         worst = tl.max(keys, axis=0)
         cx = (gx1 + gx2) * 0.5
         cy = (gy1 + gy2) * 0.5
         max_dist = 3.0e38
-        n_hi = N
-        while n_hi > 0:
-            n = n_hi - BLOCK_N + lane
-            n_hi -= BLOCK_N
-            nm = n >= 0
-            valid = tl.load(valid_ptr + base + n, mask=nm, other=0) != 0
-            px, py, stride, _ = _load_rows4(priors_ptr, n, nm)
-            stride = tl.where(nm, stride, 1.0)
-            # dist <= max_dist without sqrt or division (slack for rounding; inf passes all)
-            dx = px - cx
-            dy = py - cy
-            reach = tl.maximum(max_dist, 0.0) * stride
-            need = valid & (dx * dx + dy * dy <= reach * reach * 1.00001)
-            if tl.max(need.to(tl.int32), axis=0) > 0:
-                bx1, by1, bx2, by2 = _load_rows4(pred_ptr, base + n, need)
-                iou = _iou(bx1, by1, bx2, by2, gx1, gy1, gx2, gy2, RN)
-                if MMDET:
-                    s0 = tl.load(s0_ptr + base + n, mask=need, other=0.0)
-                else:
-                    s0 = 0.0
-                xl = tl.load(logits_ptr + (base + n) * C + label, mask=need, other=0.0).to(tl.float32)
-                cost = _pair_cost(iou, px, py, stride, s0, xl, gx1, gy1, gx2, gy2, radius,
-                                  iou_weight, MMDET, RN)
-                key = _key(cost, n)
-                keys, worst = _keep_smallest(keys, worst, tl.where(need & (key < worst), key, _SENTINEL), KL)
-                if PRUNE:
-                    if worst != _SENTINEL:
-                        kth = _cost_of_key(worst)
-                        bound = tl.maximum(kth + margin, 1e-30)
-                        max_dist = radius + tl.log(bound) * 0.4342944819032518 + 1e-3
+        t0 = 0
+        while t0 < NT:
+            tt = t0 + tlane
+            tm = tt < NT
+            vx1, vy1, vx2, vy2 = _load_rows4(desc_ptr, (dbase + tt) * 2, tm)
+            smax = tl.load(tstride_ptr + tt, mask=tm, other=1.0)
+            ddx = tl.maximum(tl.maximum(vx1 - cx, cx - vx2), 0.0)
+            ddy = tl.maximum(tl.maximum(vy1 - cy, cy - vy2), 0.0)
+            d2 = ddx * ddx + ddy * ddy  # <= every valid prior's squared centre distance
+            near = d2 / (smax * smax)
+            left = tm & (vx1 <= vx2)  # tiles with a valid prior
+            reach = tl.maximum(max_dist, 0.0) * smax
+            keep = left & (d2 <= reach * reach * 1.0001)
+            while tl.max(keep.to(tl.int32), axis=0) > 0:
+                best = tl.argmin(tl.where(keep, tl.minimum(near, 1.0e38), 3.0e38), axis=0)
+                left = left & (tlane != best)
+                n = (t0 + best) * BLOCK_N + lane
+                nm = n < N
+                valid = tl.load(valid_ptr + base + n, mask=nm, other=0) != 0
+                px, py, stride, _ = _load_rows4(priors_ptr, n, nm)
+                stride = tl.where(nm, stride, 1.0)
+                # dist <= max_dist without sqrt or division (slack for rounding; inf passes all)
+                dx = px - cx
+                dy = py - cy
+                reach_n = tl.maximum(max_dist, 0.0) * stride
+                need = valid & (dx * dx + dy * dy <= reach_n * reach_n * 1.00001)
+                if tl.max(need.to(tl.int32), axis=0) > 0:
+                    bx1, by1, bx2, by2 = _load_rows4(pred_ptr, base + n, need)
+                    iou = _iou(bx1, by1, bx2, by2, gx1, gy1, gx2, gy2, RN)
+                    if MMDET:
+                        s0 = tl.load(s0_ptr + base + n, mask=need, other=0.0)
+                    else:
+                        s0 = 0.0
+                    xl = tl.load(logits_ptr + (base + n) * C + label, mask=need, other=0.0).to(tl.float32)
+                    cost = _pair_cost(iou, px, py, stride, s0, xl, gx1, gy1, gx2, gy2, radius,
+                                      iou_weight, MMDET, RN)
+                    key = _key(cost, n)
+                    keys, worst = _keep_smallest(keys, worst, tl.where(need & (key < worst), key, _SENTINEL), KL)
+                    if PRUNE:
+                        if worst != _SENTINEL:
+                            kth = _cost_of_key(worst)
+                            bound = tl.maximum(kth + margin, 1e-30)
+                            max_dist = radius + tl.log(bound) * 0.4342944819032518 + 1e-3
+                reach = tl.maximum(max_dist, 0.0) * smax
+                keep = left & (d2 <= reach * reach * 1.0001)
+            t0 += TCHUNK
 
         # 3. Register the selection: integer atomics only, so any order gives the same state.
         sel = (slot < k) & (keys != _SENTINEL)
@@ -495,25 +551,28 @@ def _launch(priors, pred_bboxes, pred_logits, gt_bboxes, gt_labels, gt_mask, top
     gtl = gt_labels.contiguous()
     gtm = gt_mask.to(torch.uint8).contiguous()
 
+    BNP = t["block_n"]
+    NT = triton.cdiv(N, BNP)
     valid = torch.empty((B, N), dtype=torch.int8, device=dev)
+    desc = torch.empty((B, NT, 8), dtype=torch.float32, device=dev)
+    tile_stride = torch.empty((NT,), dtype=torch.float32, device=dev)
     s0 = torch.empty((B, N) if mmdet else (1,), dtype=torch.float32, device=dev)
     count = torch.empty((B, N), dtype=torch.int32, device=dev)
     owner = torch.empty((B, N), dtype=torch.int32, device=dev)
     ccount = torch.empty((B,), dtype=torch.int32, device=dev)
-    BNP = t["block_n_prior"]
     block_c = column_block(C, t["block_c"])
-    NT = triton.cdiv(N, BNP)
     wrap_triton(_prior_kernel)[(B * NT,)](
-        priors, logits, gtb, gtm, s0, valid, count, owner, ccount, N, G, C, NT,
-        WITH_S0=mmdet, BLOCK_N=BNP, BLOCK_G=32, BLOCK_C=block_c,
+        priors, preds, logits, gtb, gtm, s0, valid, desc, tile_stride, count, owner, ccount,
+        N, G, C, NT, MMDET=mmdet, BLOCK_N=BNP, BLOCK_G=32, BLOCK_C=block_c,
         C_BLOCKS=triton.cdiv(C, block_c), RN=rn, num_warps=t["num_warps_prior"])
 
     CAP = max(min(N, G * topk), 1)
     clist = torch.empty((B, CAP), dtype=torch.int32, device=dev)
     wrap_triton(_gt_kernel)[(B * G,)](
-        priors, preds, logits, s0, valid, gtb, gtl, gtm, count, owner, clist, ccount, N, G, C,
-        CAP, soft_center_radius, iou_weight, 1e-4 + 2e-7 * abs(iou_weight), MMDET=mmdet, PRUNE=t["prune"], TOPK=topk,
-        KL=KL, BLOCK_IOU=t["block_iou"], BLOCK_N=t["block_n"], RN=rn, num_warps=t["num_warps_gt"])
+        priors, preds, logits, s0, valid, desc, tile_stride, gtb, gtl, gtm, count, owner, clist,
+        ccount, N, G, C, NT, CAP, soft_center_radius, iou_weight, 1e-4 + 2e-7 * abs(iou_weight),
+        MMDET=mmdet, PRUNE=t["prune"], TOPK=topk, KL=KL, BLOCK_N=BNP, TCHUNK=t["tchunk"], RN=rn,
+        num_warps=t["num_warps_gt"])
 
     BP = t["block_p"]
     PT = triton.cdiv(CAP, BP)

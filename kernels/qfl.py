@@ -5,7 +5,9 @@ Maths, per element x of logits (M, C), with s = sigmoid(x), sp = softplus(x) = B
     a positive's own class, target t, d = s - t, bce = BCE(x, t) = sp - t x:
                          loss = bce |d|^b          dloss/dx = d |d|^b + b bce s (1 - s) |d|^b / d
 (the last term is 0 where d == 0, as PyTorch's abs/pow backward gives for b > 1).
-Row loss = sum over the C classes.
+Row loss = sum over the C classes. The element-wise pass computes only the "other classes"
+form (three hardware transcendentals per logit, kernels/fastmath.py); a positive's own class
+is computed once per row from one gathered logit and substituted.
 
 Memory layout and gradient contract:
 - logits (M, C) with stride(1) == 1 and any row stride (e.g. a view of a (B, N, C) tensor, or a
@@ -23,61 +25,70 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-# Tunables (the only ones): elements per program (BLOCK_M * BLOCK_C), warps per program and the
-# widest column block (wider class counts loop over column blocks).
+from .fastmath import exp2_fast, fast_math_enabled, log2_fast, softplus_sigmoid
+
+# Tunables (the only ones): elements per program (BLOCK_M * BLOCK_C) and warps per program of
+# the forward and of the backward (scaling) kernel, and the widest column block (wider class
+# counts loop over column blocks).
 QFL_ELEMENTS = 4096
 QFL_NUM_WARPS = 8
+QFL_SCALE_ELEMENTS = 4096
+QFL_SCALE_NUM_WARPS = 8
 QFL_MAX_BLOCK_C = 2048
 
 
 @triton.jit
 def _qfl_fwd_kernel(x_ptr, label_ptr, score_ptr, loss_ptr, grad_ptr,
                     M, C, stride_xm, stride_label, stride_score, beta,
-                    BETA_TWO: tl.constexpr, WRITE_GRAD: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, C_BLOCKS: tl.constexpr):
+                    BETA_TWO: tl.constexpr, WRITE_GRAD: tl.constexpr, EVEN_C: tl.constexpr,
+                    FAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                    C_BLOCKS: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     rows64 = rows.to(tl.int64)  # M * C may exceed 2^31
+    if FAST:  # torch.compile passes Python floats as fp64 scalars (the interpreter as floats)
+        beta = beta.to(tl.float32)
     label = tl.load(label_ptr + rows64 * stride_label, mask=row_ok, other=-1)
     # background (any label outside [0, C)) -> -1, which no column index equals
-    label = tl.where((label >= 0) & (label < C), label, -1).to(tl.int32)
+    positive = row_ok & (label >= 0) & (label < C)
+    label = tl.where(positive, label, -1).to(tl.int32)
     t = tl.load(score_ptr + rows64 * stride_score, mask=row_ok, other=0.0).to(tl.float32)
-    t = t[:, None]
-    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+
+    # A positive's own class, once per row (one gathered logit): its loss and gradient.
+    xl = tl.load(x_ptr + rows64 * stride_xm + tl.maximum(label, 0), mask=positive,
+                 other=0.0).to(tl.float32)
+    s, one_minus_s, sp = softplus_sigmoid(xl, FAST)
+    bce = sp - t * xl
+    d = s - t
+    if BETA_TWO:
+        d_pow = d * d
+        d_pow_over_d = d
+    else:
+        ad = tl.abs(d)
+        d_pow = exp2_fast(beta * log2_fast(ad, FAST), FAST)  # log2(0) = -inf: 0 ** beta = 0
+        d_pow_over_d = tl.where(ad > 0, d_pow / tl.where(ad > 0, d, 1.0), 0.0)
+    acc = tl.where(positive, bce * d_pow, 0.0)
+    g_own = (d * d_pow + beta * bce * s * one_minus_s * d_pow_over_d)[:, None]
+
+    # Every other class: loss sp s^b, gradient s^b (s + b (1 - s) sp).
     for cb in range(C_BLOCKS):  # one block for C <= QFL_MAX_BLOCK_C
         cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
         mask = row_ok[:, None] & (cols < C)[None, :]
         x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask,
                     other=0.0).to(tl.float32)
-        pos = cols[None, :] == label[:, None]
-        e = tl.exp(-tl.abs(x))
-        r = tl.fdiv(1.0, 1.0 + e, ieee_rounding=False)
-        s = tl.where(x >= 0, r, e * r)        # sigmoid(x)
-        one_minus_s = tl.where(x >= 0, e * r, r)  # sigmoid(-x), exact where s rounds to 1
-        # log1p(e): log(1 + e) loses e's low bits for small e, so use its series there
-        # (relative error < 1e-8 for e < 1/32), keeping tiny losses/gradients accurate
-        series = e * (1.0 - e * (0.5 - e * (0.33333334 - e * (0.25 - e * 0.2))))
-        sp = tl.maximum(x, 0.0) + tl.where(e < 0.03125, series, tl.log(1.0 + e))
-        bce = tl.where(pos, sp - t * x, sp)
-        d = s - t
+        s, one_minus_s, sp = softplus_sigmoid(x, FAST)
         if BETA_TWO:
             s_pow = s * s
-            d_pow = d * d
-            d_pow_over_d = d
         else:
-            # beta > 0: log2(0) = -inf gives 0 ** beta = 0
-            s_pow = tl.exp2(beta * tl.log2(s))
-            ad = tl.abs(d)
-            d_pow = tl.exp2(beta * tl.log2(ad))
-            d_pow_over_d = tl.where(ad > 0, tl.fdiv(d_pow, tl.where(ad > 0, d, 1.0),
-                                                    ieee_rounding=False), 0.0)
-        loss = bce * tl.where(pos, d_pow, s_pow)
-        acc += tl.sum(tl.where(mask, loss, 0.0), axis=1)
+            s_pow = exp2_fast(beta * log2_fast(s, FAST), FAST)
+        own = cols[None, :] == label[:, None]
+        loss = tl.where(own, 0.0, sp * s_pow)
+        if not EVEN_C:  # rows past M are never stored, so only short column blocks need masking
+            loss = tl.where(mask, loss, 0.0)
+        acc += tl.sum(loss, axis=1)
         if WRITE_GRAD:
-            g_neg = s_pow * (s + beta * one_minus_s * sp)
-            g_pos = d * d_pow + beta * bce * s * one_minus_s * d_pow_over_d
-            g = tl.where(pos, g_pos, g_neg)
+            g = tl.where(own, g_own, s_pow * (s + beta * one_minus_s * sp))
             tl.store(grad_ptr + rows64[:, None] * C + cols[None, :],
                      g.to(grad_ptr.dtype.element_ty), mask=mask)
     tl.store(loss_ptr + rows64, acc, mask=row_ok)
@@ -108,14 +119,14 @@ def column_block(C, widest):
     return min(triton.next_power_of_2(max(C, 1)), widest)
 
 
-def _blocks(C):
-    """(BLOCK_M, BLOCK_C, C_BLOCKS) for C classes.
+def _blocks(C, elements):
+    """(BLOCK_M, BLOCK_C, C_BLOCKS) for C classes and about `elements` per program.
 
     The column-block count is a constexpr (C is fixed for a model; a runtime loop bound also
     trips the Triton 3.6 interpreter with NumPy 2).
     """
     block_c = column_block(C, QFL_MAX_BLOCK_C)
-    block_m = max(1, QFL_ELEMENTS // block_c)
+    block_m = max(1, elements // block_c)
     return block_m, block_c, triton.cdiv(C, block_c)
 
 
@@ -136,12 +147,12 @@ def qfl_triton_fwd(logits: torch.Tensor, labels: torch.Tensor, scores: torch.Ten
     loss = torch.empty((M,), device=logits.device, dtype=torch.float32)
     grad = torch.empty((M if compute_grad else 0, C), device=logits.device, dtype=logits.dtype)
     if M > 0:
-        block_m, block_c, c_blocks = _blocks(C)
+        block_m, block_c, c_blocks = _blocks(C, QFL_ELEMENTS)
         # without compute_grad, `grad` is an empty tensor that the kernel never touches
         wrap_triton(_qfl_fwd_kernel)[(triton.cdiv(M, block_m),)](
             logits, labels, scores, loss, grad, M, C, logits.stride(0), labels.stride(0),
             scores.stride(0), float(beta), BETA_TWO=float(beta) == 2.0, WRITE_GRAD=compute_grad,
-            BLOCK_M=block_m, BLOCK_C=block_c, C_BLOCKS=c_blocks, num_warps=QFL_NUM_WARPS)
+            EVEN_C=C % block_c == 0, FAST=fast_math_enabled(), BLOCK_M=block_m, BLOCK_C=block_c, C_BLOCKS=c_blocks, num_warps=QFL_NUM_WARPS)
     return loss, grad
 
 
@@ -151,10 +162,10 @@ def qfl_triton_scale_rows(grad_loss: torch.Tensor, saved: torch.Tensor) -> torch
     M, C = saved.shape
     out = torch.empty_like(saved, memory_format=torch.contiguous_format)
     if M > 0 and C > 0:
-        block_m, block_c, c_blocks = _blocks(C)
+        block_m, block_c, c_blocks = _blocks(C, QFL_SCALE_ELEMENTS)
         wrap_triton(_scale_rows_kernel)[(triton.cdiv(M, block_m),)](
             grad_loss, saved, out, M, C, grad_loss.stride(0),
-            BLOCK_M=block_m, BLOCK_C=block_c, C_BLOCKS=c_blocks, num_warps=QFL_NUM_WARPS)
+            BLOCK_M=block_m, BLOCK_C=block_c, C_BLOCKS=c_blocks, num_warps=QFL_SCALE_NUM_WARPS)
     return out
 
 

@@ -38,8 +38,7 @@ def small_blocks(monkeypatch):
     resolve pass and partial tiles all occur at interpreter-sized shapes."""
     monkeypatch.setitem(dsla.TUNING, "block_g", 8)
     monkeypatch.setitem(dsla.TUNING, "block_n", 16)
-    monkeypatch.setitem(dsla.TUNING, "block_iou", 32)
-    monkeypatch.setitem(dsla.TUNING, "block_n_prior", 32)
+    monkeypatch.setitem(dsla.TUNING, "tchunk", 2)  # several descriptor chunks
     monkeypatch.setitem(dsla.TUNING, "block_p", 4)
 
 
