@@ -218,20 +218,29 @@ def _keep_smallest(keys, worst, cand, KL: tl.constexpr):
 
 
 @triton.jit
+def _s0_block(logits_ptr, row, nmask, c, C, RN: tl.constexpr):
+    """sum over the classes c (BLOCK_C,) of f(x[row, c], 0), for (BLOCK_N,) int64 rows."""
+    m = nmask[:, None] & (c < C)[None, :]
+    x = tl.load(logits_ptr + row[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
+    if RN:  # hardware transcendentals: the S0 terms are added in another order anyway
+        sig, _, sp = softplus_sigmoid(x, True)
+        f0 = sp * (sig * sig)
+    else:
+        f0 = _soft_cost0(x, RN)
+    return tl.sum(tl.where(m, f0, 0.0), axis=1)
+
+
+@triton.jit
 def _row_s0(logits_ptr, row, nmask, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
             C_BLOCKS: tl.constexpr, RN: tl.constexpr):
     """S0 = sum_c f(x[row, c], 0) for a (BLOCK_N,) vector of int64 rows."""
     acc = tl.zeros((BLOCK_N,), tl.float32)
-    for cb in range(C_BLOCKS):
-        c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-        m = nmask[:, None] & (c < C)[None, :]
-        x = tl.load(logits_ptr + row[:, None] * C + c[None, :], mask=m, other=0.0).to(tl.float32)
-        if RN:  # hardware transcendentals: the S0 terms are added in another order anyway
-            sig, _, sp = softplus_sigmoid(x, True)
-            f0 = sp * (sig * sig)
-        else:
-            f0 = _soft_cost0(x, RN)
-        acc += tl.sum(tl.where(m, f0, 0.0), axis=1)
+    if C_BLOCKS <= 8:  # unrolled, so that every block's loads are in flight at once
+        for cb in tl.static_range(C_BLOCKS):
+            acc += _s0_block(logits_ptr, row, nmask, cb * BLOCK_C + tl.arange(0, BLOCK_C), C, RN)
+    else:
+        for cb in range(C_BLOCKS):
+            acc += _s0_block(logits_ptr, row, nmask, cb * BLOCK_C + tl.arange(0, BLOCK_C), C, RN)
     return acc
 
 
@@ -303,6 +312,26 @@ def _prior_kernel(priors_ptr, pred_ptr, logits_ptr, gtb_ptr, gtm_ptr, s0_ptr, va
 
 
 @triton.jit
+def _overlap_bound(desc_ptr, dbase, tt, tm, gx1, gy1, gx2, gy2):
+    """(TCHUNK,) for tiles tt: the gt's overlap with the box around the tile's predicted boxes,
+    >= every pair's intersection (0 for empty tiles)."""
+    ux1, uy1, ux2, uy2 = _load_rows4(desc_ptr, (dbase + tt) * 2 + 1, tm)
+    return (tl.maximum(tl.minimum(ux2, gx2) - tl.maximum(ux1, gx1), 0.0)
+            * tl.maximum(tl.minimum(uy2, gy2) - tl.maximum(uy1, gy1), 0.0))
+
+
+@triton.jit
+def _centre_bound(desc_ptr, tstride_ptr, dbase, tt, tm, cx, cy):
+    """(TCHUNK,) for tiles tt: d2 = squared distance from (cx, cy) to the box around the tile's
+    valid prior centres (<= each one's), its largest stride, and whether it has a valid prior."""
+    vx1, vy1, vx2, vy2 = _load_rows4(desc_ptr, (dbase + tt) * 2, tm)
+    smax = tl.load(tstride_ptr + tt, mask=tm, other=1.0)
+    ddx = tl.maximum(tl.maximum(vx1 - cx, cx - vx2), 0.0)
+    ddy = tl.maximum(tl.maximum(vy1 - cy, cy - vy2), 0.0)
+    return ddx * ddx + ddy * ddy, smax, tm & (vx1 <= vx2)
+
+
+@triton.jit
 def _gt_kernel(priors_ptr, pred_ptr, logits_ptr, s0_ptr, valid_ptr, desc_ptr, tstride_ptr,
                gtb_ptr, gtl_ptr, gtm_ptr, count_ptr, owner_ptr, clist_ptr, ccount_ptr, N, G, C,
                NT, CAP, radius, iou_weight, margin, MMDET: tl.constexpr, PRUNE: tl.constexpr,
@@ -342,13 +371,23 @@ def _gt_kernel(priors_ptr, pred_ptr, logits_ptr, s0_ptr, valid_ptr, desc_ptr, ts
         # area_g (slack for rounding) are skipped, the largest `over` goes first.
         top = tl.zeros((KL,), tl.float32)
         low = tl.min(top, axis=0)
-        t0 = 0
-        while t0 < NT:
+        n_chunks = tl.cdiv(NT, TCHUNK)
+        first = NT * 0  # the chunk holding the largest bound goes first
+        top_bound = -1.0
+        c = 0
+        while c < n_chunks:
+            tt = c * TCHUNK + tlane
+            m = tl.max(_overlap_bound(desc_ptr, dbase, tt, tt < NT, gx1, gy1, gx2, gy2), axis=0)
+            first = tl.where(m > top_bound, c, first)
+            top_bound = tl.maximum(m, top_bound)
+            c += 1
+        c = 0
+        while c < n_chunks:
+            t0 = ((first + c) % n_chunks) * TCHUNK
+            c += 1
             tt = t0 + tlane
             tm = tt < NT
-            ux1, uy1, ux2, uy2 = _load_rows4(desc_ptr, (dbase + tt) * 2 + 1, tm)
-            over = (tl.maximum(tl.minimum(ux2, gx2) - tl.maximum(ux1, gx1), 0.0)
-                    * tl.maximum(tl.minimum(uy2, gy2) - tl.maximum(uy1, gy1), 0.0))
+            over = _overlap_bound(desc_ptr, dbase, tt, tm, gx1, gy1, gx2, gy2)
             left = tm & (over > 0.0)
             keep = left & (over >= low * area_g * 0.9999)
             while tl.max(keep.to(tl.int32), axis=0) > 0:
@@ -372,7 +411,6 @@ def _gt_kernel(priors_ptr, pred_ptr, logits_ptr, s0_ptr, valid_ptr, desc_ptr, ts
                     # one insertion per candidate: faster than a bitonic tl.topk merge
                     top, low = _keep_largest(top, low, tl.where(counted, iou, -1.0), slot, KL)
                 keep = left & (over >= low * area_g * 0.9999)
-            t0 += TCHUNK
         vals = top
         total = 0.0
         for i in range(TOPK):  # descending order, as the reference adds them
@@ -391,21 +429,27 @@ def _gt_kernel(priors_ptr, pred_ptr, logits_ptr, s0_ptr, valid_ptr, desc_ptr, ts
         cx = (gx1 + gx2) * 0.5
         cy = (gy1 + gy2) * 0.5
         max_dist = 3.0e38
-        t0 = 0
-        while t0 < NT:
+        first = NT * 0  # the chunk holding the nearest tile goes first
+        top_near = 3.0e38
+        c = 0
+        while c < n_chunks:
+            tt = c * TCHUNK + tlane
+            d2, smax, left = _centre_bound(desc_ptr, tstride_ptr, dbase, tt, tt < NT, cx, cy)
+            m = tl.min(tl.where(left, tl.minimum(d2 / (smax * smax), 1.0e38), 3.0e38), axis=0)
+            first = tl.where(m < top_near, c, first)
+            top_near = tl.minimum(m, top_near)
+            c += 1
+        c = 0
+        while c < n_chunks:
+            t0 = ((first + c) % n_chunks) * TCHUNK
+            c += 1
             tt = t0 + tlane
-            tm = tt < NT
-            vx1, vy1, vx2, vy2 = _load_rows4(desc_ptr, (dbase + tt) * 2, tm)
-            smax = tl.load(tstride_ptr + tt, mask=tm, other=1.0)
-            ddx = tl.maximum(tl.maximum(vx1 - cx, cx - vx2), 0.0)
-            ddy = tl.maximum(tl.maximum(vy1 - cy, cy - vy2), 0.0)
-            d2 = ddx * ddx + ddy * ddy  # <= every valid prior's squared centre distance
-            near = d2 / (smax * smax)
-            left = tm & (vx1 <= vx2)  # tiles with a valid prior
+            d2, smax, left = _centre_bound(desc_ptr, tstride_ptr, dbase, tt, tt < NT, cx, cy)
+            near = tl.minimum(d2 / (smax * smax), 1.0e38)
             reach = tl.maximum(max_dist, 0.0) * smax
             keep = left & (d2 <= reach * reach * 1.0001)
             while tl.max(keep.to(tl.int32), axis=0) > 0:
-                best = tl.argmin(tl.where(keep, tl.minimum(near, 1.0e38), 3.0e38), axis=0)
+                best = tl.argmin(tl.where(keep, near, 3.0e38), axis=0)
                 left = left & (tlane != best)
                 n = (t0 + best) * BLOCK_N + lane
                 nm = n < N
@@ -436,7 +480,6 @@ def _gt_kernel(priors_ptr, pred_ptr, logits_ptr, s0_ptr, valid_ptr, desc_ptr, ts
                             max_dist = radius + tl.log(bound) * 0.4342944819032518 + 1e-3
                 reach = tl.maximum(max_dist, 0.0) * smax
                 keep = left & (d2 <= reach * reach * 1.0001)
-            t0 += TCHUNK
 
         # 3. Register the selection: integer atomics only, so any order gives the same state.
         sel = (slot < k) & (keys != _SENTINEL)

@@ -38,6 +38,31 @@ QFL_MAX_BLOCK_C = 2048
 
 
 @triton.jit
+def _qfl_block(x_ptr, grad_ptr, rows64, row_ok, cols, label, g_own, C, stride_xm, beta,
+               BETA_TWO: tl.constexpr, WRITE_GRAD: tl.constexpr, EVEN_C: tl.constexpr,
+               FAST: tl.constexpr):
+    """Columns `cols` of rows `rows64`: stores the gradient (g_own at a positive's own class)
+    and returns the row sums of the loss over these columns, the own class left out."""
+    mask = row_ok[:, None] & (cols < C)[None, :]
+    x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask,
+                other=0.0).to(tl.float32)
+    s, one_minus_s, sp = softplus_sigmoid(x, FAST)
+    if BETA_TWO:
+        s_pow = s * s
+    else:
+        s_pow = exp2_fast(beta * log2_fast(s, FAST), FAST)
+    own = cols[None, :] == label[:, None]
+    loss = tl.where(own, 0.0, sp * s_pow)
+    if not EVEN_C:  # rows past M are never stored, so only short column blocks need masking
+        loss = tl.where(mask, loss, 0.0)
+    if WRITE_GRAD:
+        g = tl.where(own, g_own, s_pow * (s + beta * one_minus_s * sp))
+        tl.store(grad_ptr + rows64[:, None] * C + cols[None, :],
+                 g.to(grad_ptr.dtype.element_ty), mask=mask)
+    return tl.sum(loss, axis=1)
+
+
+@triton.jit
 def _qfl_fwd_kernel(x_ptr, label_ptr, score_ptr, loss_ptr, grad_ptr,
                     M, C, stride_xm, stride_label, stride_score, beta,
                     BETA_TWO: tl.constexpr, WRITE_GRAD: tl.constexpr, EVEN_C: tl.constexpr,
@@ -58,9 +83,9 @@ def _qfl_fwd_kernel(x_ptr, label_ptr, score_ptr, loss_ptr, grad_ptr,
     # A positive's own class, once per row (one gathered logit): its loss and gradient.
     xl = tl.load(x_ptr + rows64 * stride_xm + tl.maximum(label, 0), mask=positive,
                  other=0.0).to(tl.float32)
-    s, one_minus_s, sp = softplus_sigmoid(xl, FAST)
-    bce = sp - t * xl
-    d = s - t
+    sl, one_minus_sl, spl = softplus_sigmoid(xl, FAST)
+    bce = spl - t * xl
+    d = sl - t
     if BETA_TWO:
         d_pow = d * d
         d_pow_over_d = d
@@ -69,28 +94,17 @@ def _qfl_fwd_kernel(x_ptr, label_ptr, score_ptr, loss_ptr, grad_ptr,
         d_pow = exp2_fast(beta * log2_fast(ad, FAST), FAST)  # log2(0) = -inf: 0 ** beta = 0
         d_pow_over_d = tl.where(ad > 0, d_pow / tl.where(ad > 0, d, 1.0), 0.0)
     acc = tl.where(positive, bce * d_pow, 0.0)
-    g_own = (d * d_pow + beta * bce * s * one_minus_s * d_pow_over_d)[:, None]
+    g_own = (d * d_pow + beta * bce * sl * one_minus_sl * d_pow_over_d)[:, None]
 
     # Every other class: loss sp s^b, gradient s^b (s + b (1 - s) sp).
-    for cb in range(C_BLOCKS):  # one block for C <= QFL_MAX_BLOCK_C
-        cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask = row_ok[:, None] & (cols < C)[None, :]
-        x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask,
-                    other=0.0).to(tl.float32)
-        s, one_minus_s, sp = softplus_sigmoid(x, FAST)
-        if BETA_TWO:
-            s_pow = s * s
-        else:
-            s_pow = exp2_fast(beta * log2_fast(s, FAST), FAST)
-        own = cols[None, :] == label[:, None]
-        loss = tl.where(own, 0.0, sp * s_pow)
-        if not EVEN_C:  # rows past M are never stored, so only short column blocks need masking
-            loss = tl.where(mask, loss, 0.0)
-        acc += tl.sum(loss, axis=1)
-        if WRITE_GRAD:
-            g = tl.where(own, g_own, s_pow * (s + beta * one_minus_s * sp))
-            tl.store(grad_ptr + rows64[:, None] * C + cols[None, :],
-                     g.to(grad_ptr.dtype.element_ty), mask=mask)
+    if C_BLOCKS <= 8:  # unrolled, so that every block's loads are in flight at once
+        for cb in tl.static_range(C_BLOCKS):
+            acc += _qfl_block(x_ptr, grad_ptr, rows64, row_ok, cb * BLOCK_C + tl.arange(0, BLOCK_C),
+                              label, g_own, C, stride_xm, beta, BETA_TWO, WRITE_GRAD, EVEN_C, FAST)
+    else:
+        for cb in range(C_BLOCKS):
+            acc += _qfl_block(x_ptr, grad_ptr, rows64, row_ok, cb * BLOCK_C + tl.arange(0, BLOCK_C),
+                              label, g_own, C, stride_xm, beta, BETA_TWO, WRITE_GRAD, EVEN_C, FAST)
     tl.store(loss_ptr + rows64, acc, mask=row_ok)
 
 
@@ -112,7 +126,7 @@ def _scale_rows_kernel(g_ptr, saved_ptr, out_ptr, M, C, stride_g,
 
 def column_block(C, widest):
     """Columns per block: the widest power of two >= 16 dividing C (80 -> 16: no masked-off
-    lanes doing transcendental work), else C rounded up to a power of two (capped)."""
+    lanes doing transcendental work), else C rounded up to a power of two, capped at `widest`."""
     for width in (128, 64, 32, 16):
         if width <= widest and C % width == 0:
             return width

@@ -65,11 +65,14 @@ class LaunchSpy:
 # QFL
 # ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("M,C,seed", [(37, 11, 0), (5, 80, 1), (64, 1, 2), (19, 130, 3)])
+QFL_SHAPES = [(37, 11, 0), (5, 80, 1), (64, 1, 2), (19, 130, 3), (7, 144, 4)]  # 144: 9 blocks
+
+
+@pytest.mark.parametrize("M,C,seed", QFL_SHAPES)
 @pytest.mark.parametrize("beta", [2.0, 1.5])
-def test_qfl_fp32_matches_reference(M, C, seed, beta):
-    logits, labels, scores = qfl_inputs(M, C, seed)
-    w = torch.rand(M, generator=torch.Generator().manual_seed(seed + 100))
+def test_qfl_fp32_matches_reference(M, C, seed, beta, device="cpu"):
+    logits, labels, scores = qfl_inputs(M, C, seed, device=device)
+    w = torch.rand(M, generator=torch.Generator().manual_seed(seed + 100)).to(device)
     got, g_got = grads(quality_focal_loss_triton, logits, labels, scores, beta, grad_out=w)
     want, g_want = grads(ops.quality_focal_loss_ref, logits, labels, scores, beta, grad_out=w)
     assert got.dtype == torch.float32 and got.shape == (M,)
@@ -396,6 +399,14 @@ def _realistic_qfl(dtype, seed=0):
     labels[pos] = torch.randint(0, C, (int(pos.sum()),), device="cuda", generator=g)
     scores = torch.where(pos, 1 - torch.rand(B * N, device="cuda", generator=g), 0.0)
     return x, labels, scores
+
+
+@pytest.mark.gpu
+def test_gpu_qfl_shapes_and_beta():
+    """The CPU cases on the GPU, where the kernel uses hardware exp2/log2/rcp."""
+    for M, C, seed in QFL_SHAPES + [(3000, 80, 5), (257, 2000, 6)]:
+        for beta in (2.0, 1.5):
+            test_qfl_fp32_matches_reference(M, C, seed, beta, device="cuda")
 
 
 @pytest.mark.gpu
