@@ -218,7 +218,7 @@ def sweep_qfl(reps_ms):
              qfl_mod.QFL_SCALE_NUM_WARPS)
     fwd = lambda: torch.ops.rtmdet.qfl_triton_fwd(x, labels, scores, 2.0, True)  # noqa: E731
     bwd = lambda: torch.ops.rtmdet.qfl_triton_scale_rows(grad_loss, saved_grad)  # noqa: E731
-    for elements, warps in itertools.product((2048, 4096, 8192, 16384), (4, 8, 16)):
+    for elements, warps in itertools.product((1024, 2048, 4096, 8192), (4, 8, 16)):
         qfl_mod.QFL_ELEMENTS = qfl_mod.QFL_SCALE_ELEMENTS = elements
         qfl_mod.QFL_NUM_WARPS = qfl_mod.QFL_SCALE_NUM_WARPS = warps
         t_f, t_b = bench(fwd, reps_ms)["p50"], bench(bwd, reps_ms)["p50"]

@@ -58,17 +58,14 @@ def sweep():
         args = case_args(case)
         ref = dsla.dsl_assign_triton(*args)
         saved = dict(dsla.TUNING)
-        for block_n, warps, tchunk, bc, warps_prior in [
-                (64, 1, 128, 32, 2), (64, 1, 256, 32, 2), (64, 2, 256, 32, 2), (32, 1, 256, 32, 2),
-                (64, 1, 64, 32, 2), (64, 1, 128, 16, 2), (64, 1, 128, 32, 4)]:
-            dsla.TUNING.update(block_n=block_n, num_warps_gt=warps, tchunk=tchunk, block_c=bc,
-                               num_warps_prior=warps_prior)
+        for tchunk, tiles, warps_prior in [(128, 1, 2), (128, 2, 2), (128, 4, 2), (64, 2, 2),
+                                           (128, 2, 4), (256, 2, 2)]:
+            dsla.TUNING.update(tchunk=tchunk, tiles_per_step=tiles, num_warps_prior=warps_prior)
             out = dsla.dsl_assign_triton(*args)
             same = all(torch.equal(a, b) for a, b in zip(out, ref))
             ms = triton.testing.do_bench(lambda: dsla.dsl_assign_triton(*args), return_mode="median")
-            print(f"{name}: block_n {block_n} warps_gt {warps} tchunk {tchunk} block_c {bc} "
-                  f"warps_prior {warps_prior}: {ms:.3f} ms {'' if same else 'DIFFERENT'} "
-                  f"{kernel_resources()}", flush=True)
+            print(f"{name}: tchunk {tchunk} tiles_per_step {tiles} warps_prior {warps_prior}: "
+                  f"{ms:.3f} ms {'' if same else 'DIFFERENT'} {kernel_resources()}", flush=True)
         dsla.TUNING.update(saved)
 
 

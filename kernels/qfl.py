@@ -30,8 +30,8 @@ from .fastmath import exp2_fast, fast_math_enabled, log2_fast, softplus_sigmoid
 # Tunables (the only ones): elements per program (BLOCK_M * BLOCK_C) and warps per program of
 # the forward and of the backward (scaling) kernel, and the widest column block (wider class
 # counts loop over column blocks).
-QFL_ELEMENTS = 4096
-QFL_NUM_WARPS = 8
+QFL_ELEMENTS = 2048
+QFL_NUM_WARPS = 16
 QFL_SCALE_ELEMENTS = 4096
 QFL_SCALE_NUM_WARPS = 8
 QFL_MAX_BLOCK_C = 2048
@@ -109,19 +109,18 @@ def _qfl_fwd_kernel(x_ptr, label_ptr, score_ptr, loss_ptr, grad_ptr,
 
 
 @triton.jit
-def _scale_rows_kernel(g_ptr, saved_ptr, out_ptr, M, C, stride_g,
-                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, C_BLOCKS: tl.constexpr):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    rows64 = rows.to(tl.int64)
-    g = tl.load(g_ptr + rows64 * stride_g, mask=row_ok, other=0.0).to(tl.float32)
-    for cb in range(C_BLOCKS):  # one block for C <= QFL_MAX_BLOCK_C
-        cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-        mask = row_ok[:, None] & (cols < C)[None, :]
-        offs = rows64[:, None] * C + cols[None, :]
-        v = tl.load(saved_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs, (v * g[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+def _scale_rows_kernel(g_ptr, saved_ptr, out_ptr, total, stride_g, C: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """out.flat[i] = g[i // C] * saved.flat[i] for contiguous (M, C) saved / out: one flat,
+    fully coalesced stream (C is a constexpr, so i // C is a multiply and a shift)."""
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    first_row = start // C
+    j = (start % C).to(tl.int32) + tl.arange(0, BLOCK)  # column of the first element + offset
+    i = start + tl.arange(0, BLOCK)
+    m = i < total
+    v = tl.load(saved_ptr + i, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + (first_row + j // C) * stride_g, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + i, (v * g).to(out_ptr.dtype.element_ty), mask=m)
 
 
 def column_block(C, widest):
@@ -174,12 +173,12 @@ def qfl_triton_fwd(logits: torch.Tensor, labels: torch.Tensor, scores: torch.Ten
 def qfl_triton_scale_rows(grad_loss: torch.Tensor, saved: torch.Tensor) -> torch.Tensor:
     """grad_loss (M,) * saved (M, C) contiguous -> (M, C) in saved's dtype, fp32 products."""
     M, C = saved.shape
+    saved = saved.contiguous()  # a no-op for the forward's gradient
     out = torch.empty_like(saved, memory_format=torch.contiguous_format)
     if M > 0 and C > 0:
-        block_m, block_c, c_blocks = _blocks(C, QFL_SCALE_ELEMENTS)
-        wrap_triton(_scale_rows_kernel)[(triton.cdiv(M, block_m),)](
-            grad_loss, saved, out, M, C, grad_loss.stride(0),
-            BLOCK_M=block_m, BLOCK_C=block_c, C_BLOCKS=c_blocks, num_warps=QFL_SCALE_NUM_WARPS)
+        wrap_triton(_scale_rows_kernel)[(triton.cdiv(M * C, QFL_SCALE_ELEMENTS),)](
+            grad_loss, saved, out, M * C, grad_loss.stride(0), C=C, BLOCK=QFL_SCALE_ELEMENTS,
+            num_warps=QFL_SCALE_NUM_WARPS)
     return out
 
 

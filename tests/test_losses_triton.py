@@ -65,7 +65,8 @@ class LaunchSpy:
 # QFL
 # ----------------------------------------------------------------------------------------
 
-QFL_SHAPES = [(37, 11, 0), (5, 80, 1), (64, 1, 2), (19, 130, 3), (7, 144, 4)]  # 144: 9 blocks
+QFL_SHAPES = [(37, 11, 0), (5, 80, 1), (64, 1, 2), (19, 130, 3), (7, 144, 4),  # 144: 9 blocks
+              (400, 11, 7)]  # 4400 elements: backward blocks starting mid-row
 
 
 @pytest.mark.parametrize("M,C,seed", QFL_SHAPES)
