@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: set up, build, run the GPU tests and the benchmarks, logs under $OUT.
 # Usage (on the device, from the repo root):
-#   bash benches/gpu_run.sh [setup] [profile] [sweep] [test] [dsla] [losses] [step]
+#   bash benches/gpu_run.sh [setup] [sanity] [profile] [sweep] [test] [dsla] [losses] [step]
 # profile: per-kernel DSLA times; sweep: the DSLA and QFL tunables (and QFL's in bench losses).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -21,6 +21,24 @@ if [[ $stages == *" setup "* ]]; then
   MAX_JOBS=16 python3 -m pip install -e . --no-deps --no-build-isolation > "$OUT/build.log" 2>&1 || { log "BUILD FAILED"; tail -40 "$OUT/build.log"; }
   log "build took $(( $(date +%s) - start )) s"; grep -E "^rtmdet:" "$OUT/build.log" | tee -a "$OUT/summary.txt"
   python3 -c "import rtmdet, json; print(json.dumps(rtmdet.ops.backend_info()))" | tee -a "$OUT/summary.txt"
+fi
+if [[ $stages == *" sanity "* ]]; then
+  log "sanity: one B64/G32 and one B4/G1000 assignment vs the reference, 120 s at most"
+  timeout 120 python3 - > "$OUT/sanity.log" 2>&1 <<'PY'
+import torch
+from rtmdet.ops.dsla import dsl_assign_ref
+from rtmdet.kernels.dsla import dsl_assign_triton
+from tests.cases import case_args, make_case
+for B, img, G in [(64, (640, 640), 32), (4, (1024, 1024), 1000)]:
+    args = case_args(make_case(5, B=B, img_size=img, G=G, kind="random", pad="end", device="cuda"))
+    got = dsl_assign_triton(*args)
+    torch.cuda.synchronize()
+    want = dsl_assign_ref(*args)
+    same = (got[0] == want[0]).float().mean().item()
+    print(f"B{B} G{G}: gt_index agreement {same:.6f}", flush=True)
+PY
+  rc=$?; log "sanity rc=$rc"; cat "$OUT/sanity.log" | tee -a "$OUT/summary.txt"
+  if [[ $rc != 0 ]]; then log "stopping: sanity failed"; exit 1; fi
 fi
 if [[ $stages == *" profile "* ]]; then
   log "profile dsla"

@@ -58,13 +58,13 @@ def sweep():
         args = case_args(case)
         ref = dsla.dsl_assign_triton(*args)
         saved = dict(dsla.TUNING)
-        for tchunk, tiles, warps_prior in [(128, 1, 2), (128, 2, 2), (128, 4, 2), (64, 2, 2),
-                                           (128, 2, 4), (256, 2, 2)]:
-            dsla.TUNING.update(tchunk=tchunk, tiles_per_step=tiles, num_warps_prior=warps_prior)
+        for tchunk, warps_gt, block_c in [(128, 1, 32), (64, 1, 32), (256, 1, 32), (128, 2, 32),
+                                          (128, 1, 16)]:
+            dsla.TUNING.update(tchunk=tchunk, num_warps_gt=warps_gt, block_c=block_c)
             out = dsla.dsl_assign_triton(*args)
             same = all(torch.equal(a, b) for a, b in zip(out, ref))
             ms = triton.testing.do_bench(lambda: dsla.dsl_assign_triton(*args), return_mode="median")
-            print(f"{name}: tchunk {tchunk} tiles_per_step {tiles} warps_prior {warps_prior}: "
+            print(f"{name}: tchunk {tchunk} num_warps_gt {warps_gt} block_c {block_c}: "
                   f"{ms:.3f} ms {'' if same else 'DIFFERENT'} {kernel_resources()}", flush=True)
         dsla.TUNING.update(saved)
 

@@ -43,10 +43,9 @@ from .qfl import column_block
 
 # Tunables: block_n priors per tile: one program of the prior and finish passes (num_warps_prior
 # warps, at most block_c classes per step of the S0 sum) and one step of the per-gt scans
-# (num_warps_gt warps, tile descriptors read tchunk at a time, tiles_per_step tiles per step;
-# small tiles prune more finely); block_p contested priors x block_g gts per tile of the resolve pass.
-TUNING = dict(block_n=64, num_warps_gt=1, tchunk=128, tiles_per_step=2, num_warps_prior=2,
-              block_c=32, block_g=32, block_p=16, num_warps=4, prune=True)
+# (num_warps_gt warps, tile descriptors read tchunk at a time; small tiles prune more finely); block_p contested priors x block_g gts per tile of the resolve pass.
+TUNING = dict(block_n=64, num_warps_gt=1, tchunk=128, num_warps_prior=2, block_c=32,
+              block_g=32, block_p=16, num_warps=4, prune=True)
 MAX_TOPK = 32
 _SENTINEL = tl.constexpr(0x7FFFFFFFFFFFFFFF)  # key of "no candidate": above every real key
 _NO_SLOT = tl.constexpr(-0x7FFFFFFFFFFFFFFF)   # an inactive list slot: below every real key
@@ -247,11 +246,12 @@ def _row_s0(logits_ptr, row, nmask, C, BLOCK_N: tl.constexpr, BLOCK_C: tl.conste
 # ----------------------------------------------------------------------------------------
 
 @triton.jit
-def _prior_kernel(priors_ptr, pred_ptr, logits_ptr, gtb_ptr, gtm_ptr, s0_ptr, valid_ptr,
-                  desc_ptr, tstride_ptr, count_ptr, owner_ptr, ccount_ptr, N, G, C, NT,
-                  MMDET: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-                  BLOCK_C: tl.constexpr, C_BLOCKS: tl.constexpr, RN: tl.constexpr):
-    """Per prior: valid (inside a real gt), S0 (mmdet), and the zeroed selection state.
+def _prior_kernel(priors_ptr, pred_ptr, gtb_ptr, gtm_ptr, valid_ptr, desc_ptr, tstride_ptr,
+                  count_ptr, owner_ptr, ccount_ptr, done_ptr, claim_ptr, N, G, NT,
+                  MMDET: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Per prior: valid (inside a real gt) and the zeroed selection state; per image the zeroed
+    counters (contested priors, S0 tiles done) and the S0 tile claim counter.
     Per tile of BLOCK_N priors (the per-gt scans' unit): its descriptor, 8 floats = the box
     around its valid priors' centres and the box around the predicted boxes that can take part
     in the IoU top-k (valid priors for mmdet, all for mmyolo), empty = (BIG, BIG, -BIG, -BIG);
@@ -282,8 +282,11 @@ def _prior_kernel(priors_ptr, pred_ptr, logits_ptr, gtb_ptr, gtm_ptr, s0_ptr, va
     tl.store(valid_ptr + row, inside.to(tl.int8), mask=nm)
     tl.store(count_ptr + row, tl.zeros((BLOCK_N,), tl.int32), mask=nm)
     tl.store(owner_ptr + row, tl.full((BLOCK_N,), -1, tl.int32), mask=nm)
-    tl.store(ccount_ptr + b + tl.zeros((BLOCK_N,), tl.int32), tl.zeros((BLOCK_N,), tl.int32),
-             mask=(tl.arange(0, BLOCK_N) == 0) & (t == 0))
+    first_lane = (tl.arange(0, BLOCK_N) == 0) & (t == 0)
+    zeros = tl.zeros((BLOCK_N,), tl.int32)
+    tl.store(ccount_ptr + b + zeros, zeros, mask=first_lane)
+    tl.store(done_ptr + b + zeros, zeros, mask=first_lane)
+    tl.store(claim_ptr + zeros, zeros, mask=first_lane & (b == 0))
 
     valid = nm & (inside > 0)
     bx1, by1, bx2, by2 = _load_rows4(pred_ptr, row, nm)
@@ -305,11 +308,6 @@ def _prior_kernel(priors_ptr, pred_ptr, logits_ptr, gtb_ptr, gtm_ptr, s0_ptr, va
     tl.store(desc_ptr + pid.to(tl.int64) * 8 + j, desc)
     smax = tl.max(tl.where(nm, stride, 0.0), axis=0)
     tl.store(tstride_ptr + t + j, smax + 0.0 * desc, mask=(j == 0) & (b == 0))
-    if MMDET:  # only valid priors ever get a cost, so only their logits are read
-        s0 = tl.zeros((BLOCK_N,), tl.float32)
-        if tl.max(valid.to(tl.int32), axis=0) > 0:
-            s0 = _row_s0(logits_ptr, row, valid, C, BLOCK_N, BLOCK_C, C_BLOCKS, RN)
-        tl.store(s0_ptr + row, s0, mask=nm)
 
 
 @triton.jit
@@ -333,34 +331,35 @@ def _centre_bound(desc_ptr, tstride_ptr, dbase, tt, tm, cx, cy):
 
 
 @triton.jit
-def _pick_tiles(keep, score, tlane, TILES: tl.constexpr, BLOCK_N: tl.constexpr,
-                LARGEST: tl.constexpr):
-    """Up to TILES tiles of a chunk, best score first among `keep` (TCHUNK,), as one step of
-    TILES * BLOCK_N lanes: (tile of each lane, whether its tile was picked, the picked tiles
-    as a (TCHUNK,) mask). Several tiles per step keep more loads in flight at once."""
-    group = tl.arange(0, TILES * BLOCK_N) // BLOCK_N
-    tile = tl.zeros((TILES * BLOCK_N,), tl.int32)
-    picked = group < 0
-    taken = tlane < 0
-    for j in tl.static_range(TILES):
-        any_left = tl.max(keep.to(tl.int32), axis=0) > 0
-        if LARGEST:
-            best = tl.argmax(tl.where(keep, score, -1.0), axis=0)
-        else:
-            best = tl.argmin(tl.where(keep, score, 3.0e38), axis=0)
-        tile = tl.where(group == j, best, tile)
-        picked = picked | ((group == j) & any_left)
-        taken = taken | ((tlane == best) & any_left)
-        keep = keep & (tlane != best)
-    return tile, picked, taken
+def _claim_s0_tiles(logits_ptr, s0_ptr, valid_ptr, done_ptr, claim_ptr, N, C, NT, TOTAL,
+                    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, C_BLOCKS: tl.constexpr,
+                    RN: tl.constexpr):
+    """Claim tiles (image, BLOCK_N priors) of the S0 sum until none is left; for each, write
+    S0 = sum_c f(x[n, c], 0) of its valid priors (0 for the others, whose logits are not read)
+    and count it done for its image (release, after a barrier: all lanes' stores first)."""
+    lane = tl.arange(0, BLOCK_N)
+    job = tl.atomic_add(claim_ptr, 1, sem="relaxed")
+    while job < TOTAL:
+        jb = job // NT
+        n = (job % NT) * BLOCK_N + lane
+        row = jb.to(tl.int64) * N + n
+        valid = (tl.load(valid_ptr + row, mask=n < N, other=0) != 0) & (n < N)
+        s0 = tl.zeros((BLOCK_N,), tl.float32)
+        if tl.max(valid.to(tl.int32), axis=0) > 0:
+            s0 = _row_s0(logits_ptr, row, valid, C, BLOCK_N, BLOCK_C, C_BLOCKS, RN)
+        tl.store(s0_ptr + row, s0, mask=n < N)
+        tl.debug_barrier()
+        tl.atomic_add(done_ptr + jb, 1, sem="release")
+        job = tl.atomic_add(claim_ptr, 1, sem="relaxed")
 
 
 @triton.jit
 def _gt_kernel(priors_ptr, pred_ptr, logits_ptr, s0_ptr, valid_ptr, desc_ptr, tstride_ptr,
-               gtb_ptr, gtl_ptr, gtm_ptr, count_ptr, owner_ptr, clist_ptr, ccount_ptr, N, G, C,
-               NT, CAP, radius, iou_weight, margin, MMDET: tl.constexpr, PRUNE: tl.constexpr,
-               TOPK: tl.constexpr, KL: tl.constexpr, BLOCK_N: tl.constexpr,
-               TCHUNK: tl.constexpr, TILES: tl.constexpr, RN: tl.constexpr):
+               gtb_ptr, gtl_ptr, gtm_ptr, count_ptr, owner_ptr, clist_ptr, ccount_ptr, done_ptr,
+               claim_ptr, N, G, C, NT, CAP, radius, iou_weight, margin, MMDET: tl.constexpr,
+               PRUNE: tl.constexpr, TOPK: tl.constexpr, KL: tl.constexpr, BLOCK_N: tl.constexpr,
+               TCHUNK: tl.constexpr, BLOCK_C: tl.constexpr, C_BLOCKS: tl.constexpr,
+               RN: tl.constexpr):
     """One program per (image, gt): dynamic k from its TOPK largest IoUs, then its k cheapest
     valid priors, registered with integer atomics (count, owner, contested list).
 
@@ -383,7 +382,7 @@ def _gt_kernel(priors_ptr, pred_ptr, logits_ptr, s0_ptr, valid_ptr, desc_ptr, ts
         gy2 = tl.load(gtb_ptr + pid * 4 + 3)
         area_g = (gx2 - gx1) * (gy2 - gy1)
         slot = tl.arange(0, KL)
-        lane = tl.arange(0, TILES * BLOCK_N) % BLOCK_N
+        lane = tl.arange(0, BLOCK_N)
         tlane = tl.arange(0, TCHUNK)
         base = b.to(tl.int64) * N
         dbase = b.to(tl.int64) * NT
@@ -415,10 +414,10 @@ def _gt_kernel(priors_ptr, pred_ptr, logits_ptr, s0_ptr, valid_ptr, desc_ptr, ts
             left = tm & (over > 0.0)
             keep = left & (over >= low * area_g * 0.9999)
             while tl.max(keep.to(tl.int32), axis=0) > 0:
-                tile, picked, taken = _pick_tiles(keep, over, tlane, TILES, BLOCK_N, True)
-                left = left & ~taken
-                n = (t0 + tile) * BLOCK_N + lane
-                nm = picked & (n < N)
+                best = tl.argmax(tl.where(keep, over, -1.0), axis=0)
+                left = left & (tlane != best)
+                n = (t0 + best) * BLOCK_N + lane
+                nm = n < N
                 bx1, by1, bx2, by2 = _load_rows4(pred_ptr, base + n, nm)
                 # Cheap filter without a division: iou > low <=> inter > low * union (with
                 # slack for rounding); only tiles where some prior passes pay for the exact IoU.
@@ -441,6 +440,18 @@ def _gt_kernel(priors_ptr, pred_ptr, logits_ptr, s0_ptr, valid_ptr, desc_ptr, ts
             total = total + tl.max(vals, axis=0)
             vals = tl.where(slot == tl.argmax(vals, axis=0), -1.0, vals)
         k = tl.maximum(total.to(tl.int32), 1)
+
+        if MMDET:
+            # S0 of the valid priors, one tile of BLOCK_N priors per claim, by whichever
+            # programs are done with their IoU scan: the logits stream while other programs
+            # still scan. Only running programs claim tiles and none waits before finishing
+            # its claims, so every image's tiles get done and the wait below ends.
+            _claim_s0_tiles(logits_ptr, s0_ptr, valid_ptr, done_ptr, claim_ptr, N, C, NT,
+                            tl.num_programs(0) // G * NT, BLOCK_N, BLOCK_C, C_BLOCKS, RN)
+            ready = tl.atomic_add(done_ptr + b, 0, sem="acquire")
+            while ready < NT:
+                ready = tl.atomic_add(done_ptr + b, 0, sem="acquire")
+            tl.debug_barrier()
 
         # 2. The k cheapest valid priors. The class cost is >= 0 and the IoU cost >=
         # -iou_weight * 1e-7, so cost >= centre cost - margin: once k candidates are kept, a
@@ -473,10 +484,10 @@ def _gt_kernel(priors_ptr, pred_ptr, logits_ptr, s0_ptr, valid_ptr, desc_ptr, ts
             reach = tl.maximum(max_dist, 0.0) * smax
             keep = left & (d2 <= reach * reach * 1.0001)
             while tl.max(keep.to(tl.int32), axis=0) > 0:
-                tile, picked, taken = _pick_tiles(keep, near, tlane, TILES, BLOCK_N, False)
-                left = left & ~taken
-                n = (t0 + tile) * BLOCK_N + lane
-                nm = picked & (n < N)
+                best = tl.argmin(tl.where(keep, near, 3.0e38), axis=0)
+                left = left & (tlane != best)
+                n = (t0 + best) * BLOCK_N + lane
+                nm = n < N
                 valid = tl.load(valid_ptr + base + n, mask=nm, other=0) != 0
                 px, py, stride, _ = _load_rows4(priors_ptr, n, nm)
                 stride = tl.where(nm, stride, 1.0)
@@ -488,8 +499,8 @@ def _gt_kernel(priors_ptr, pred_ptr, logits_ptr, s0_ptr, valid_ptr, desc_ptr, ts
                 if tl.max(need.to(tl.int32), axis=0) > 0:
                     bx1, by1, bx2, by2 = _load_rows4(pred_ptr, base + n, need)
                     iou = _iou(bx1, by1, bx2, by2, gx1, gy1, gx2, gy2, RN)
-                    if MMDET:
-                        s0 = tl.load(s0_ptr + base + n, mask=need, other=0.0)
+                    if MMDET:  # written by other programs of this launch: read from L2
+                        s0 = tl.load(s0_ptr + base + n, mask=need, other=0.0, cache_modifier=".cg")
                     else:
                         s0 = 0.0
                     xl = tl.load(logits_ptr + (base + n) * C + label, mask=need, other=0.0).to(tl.float32)
@@ -627,19 +638,21 @@ def _launch(priors, pred_bboxes, pred_logits, gt_bboxes, gt_labels, gt_mask, top
     count = torch.empty((B, N), dtype=torch.int32, device=dev)
     owner = torch.empty((B, N), dtype=torch.int32, device=dev)
     ccount = torch.empty((B,), dtype=torch.int32, device=dev)
-    block_c = column_block(C, t["block_c"])
+    sync = torch.empty((B + 1,), dtype=torch.int32, device=dev)  # S0 tiles done per image, claimed
+    done, claim = sync[:B], sync[B:]
     wrap_triton(_prior_kernel)[(B * NT,)](
-        priors, preds, logits, gtb, gtm, s0, valid, desc, tile_stride, count, owner, ccount,
-        N, G, C, NT, MMDET=mmdet, BLOCK_N=BNP, BLOCK_G=32, BLOCK_C=block_c,
-        C_BLOCKS=triton.cdiv(C, block_c), RN=rn, num_warps=t["num_warps_prior"])
+        priors, preds, gtb, gtm, valid, desc, tile_stride, count, owner, ccount, done, claim,
+        N, G, NT, MMDET=mmdet, BLOCK_N=BNP, BLOCK_G=32, num_warps=t["num_warps_prior"])
 
     CAP = max(min(N, G * topk), 1)
     clist = torch.empty((B, CAP), dtype=torch.int32, device=dev)
+    block_c = column_block(C, t["block_c"])
     wrap_triton(_gt_kernel)[(B * G,)](
         priors, preds, logits, s0, valid, desc, tile_stride, gtb, gtl, gtm, count, owner, clist,
-        ccount, N, G, C, NT, CAP, soft_center_radius, iou_weight, 1e-4 + 2e-7 * abs(iou_weight),
-        MMDET=mmdet, PRUNE=t["prune"], TOPK=topk, KL=KL, BLOCK_N=BNP, TCHUNK=t["tchunk"], TILES=t["tiles_per_step"], RN=rn,
-        num_warps=t["num_warps_gt"])
+        ccount, done, claim, N, G, C, NT, CAP, soft_center_radius, iou_weight,
+        1e-4 + 2e-7 * abs(iou_weight), MMDET=mmdet, PRUNE=t["prune"], TOPK=topk, KL=KL,
+        BLOCK_N=BNP, TCHUNK=t["tchunk"], BLOCK_C=block_c, C_BLOCKS=triton.cdiv(C, block_c),
+        RN=rn, num_warps=t["num_warps_gt"])
 
     BP = t["block_p"]
     PT = triton.cdiv(CAP, BP)

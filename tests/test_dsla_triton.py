@@ -39,7 +39,6 @@ def small_blocks(monkeypatch):
     monkeypatch.setitem(dsla.TUNING, "block_g", 8)
     monkeypatch.setitem(dsla.TUNING, "block_n", 16)
     monkeypatch.setitem(dsla.TUNING, "tchunk", 2)  # several descriptor chunks
-    monkeypatch.setitem(dsla.TUNING, "tiles_per_step", 4)  # steps with fewer tiles left than lanes
     monkeypatch.setitem(dsla.TUNING, "block_p", 4)
 
 
