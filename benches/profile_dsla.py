@@ -58,13 +58,12 @@ def sweep():
         args = case_args(case)
         ref = dsla.dsl_assign_triton(*args)
         saved = dict(dsla.TUNING)
-        for tchunk, warps_gt, block_c in [(128, 1, 32), (64, 1, 32), (256, 1, 32), (128, 2, 32),
-                                          (128, 1, 16)]:
-            dsla.TUNING.update(tchunk=tchunk, num_warps_gt=warps_gt, block_c=block_c)
+        for tchunk, s0_programs in [(64, 1024), (64, 256), (64, 4096), (64, 0), (128, 1024)]:
+            dsla.TUNING.update(tchunk=tchunk, s0_programs=s0_programs)
             out = dsla.dsl_assign_triton(*args)
             same = all(torch.equal(a, b) for a, b in zip(out, ref))
             ms = triton.testing.do_bench(lambda: dsla.dsl_assign_triton(*args), return_mode="median")
-            print(f"{name}: tchunk {tchunk} num_warps_gt {warps_gt} block_c {block_c}: "
+            print(f"{name}: tchunk {tchunk} s0_programs {s0_programs}: "
                   f"{ms:.3f} ms {'' if same else 'DIFFERENT'} {kernel_resources()}", flush=True)
         dsla.TUNING.update(saved)
 

@@ -4,20 +4,23 @@ Same results as `rtmdet.ops.dsl_assign_ref` (ties: a gt prefers the lower prior 
 contested prior the cheaper gt then the lower gt index), without any (B, N, G) tensor.
 
 Passes (all on device, fixed grids, no host synchronisation; B, N, G are runtime ints):
-  1. prior pass, grid (B * N/BLOCK): valid[b, n] (inside a real gt), S0[b, n] = sum_c
-     f(x[n, c], 0) (mmdet only; the logits row of each valid prior streamed once, the others
-     never read: only valid priors get a cost), zeroed selection state, and
-     per tile of BLOCK priors a descriptor: the box around its valid priors' centres and the
-     box around its predicted boxes (B * N/BLOCK * 8 floats).
-  2. gt pass, grid (B * G), one program per gt, its lists in registers (no (B, N, G) tensor):
+  1. prior pass, grid (B * N/BLOCK): valid[b, n] (inside a real gt), zeroed selection state
+     and counters, and per tile of BLOCK priors a descriptor: the box around its valid
+     priors' centres and the box around its predicted boxes (B * N/BLOCK * 8 floats).
+  2. gt pass, grid (B * G + S0 programs), one program per gt, its lists in registers (no
+     (B, N, G) tensor):
      a. scan the tiles that can hold one of the TOPK largest IoUs (the gt's overlap with the
         tile's box of predictions bounds them), largest bound first -> k = int(their sum,
         added in descending order), at least 1;
-     b. scan the valid priors, nearest tile first, for the k smallest keys
+     b. (mmdet) S0[b, n] = sum_c f(x[n, c], 0) for the valid priors (the only ones that get
+        a cost; the other rows of logits are never read), in tiles claimed from a counter by
+        the extra programs from the start and by gt programs done with step a, so that the
+        logits stream while the latency-bound scans run; then wait for the image's tiles;
+     c. scan the valid priors, nearest tile first, for the k smallest keys
         (ordered(cost) << 32 | n), skipping every tile (from its descriptor, unread) and
         prior whose centre cost alone exceeds the k-th kept cost (a lower bound: the other
         terms are >= -margin), so only priors near the gt cost transcendentals and a gather;
-     c. integer atomics per selected prior: count += 1, owner = max(owner, g); a prior
+     d. integer atomics per selected prior: count += 1, owner = max(owner, g); a prior
         reaching count 2 is appended to its image's list of contested priors.
   3. resolve, grid (B * CAP/BLOCK_P): each contested prior recomputes its cost against every
      real gt and keeps the cheapest (key (ordered(cost) << 32) | g, so ties go to lower g).
@@ -43,9 +46,10 @@ from .qfl import column_block
 
 # Tunables: block_n priors per tile: one program of the prior and finish passes (num_warps_prior
 # warps, at most block_c classes per step of the S0 sum) and one step of the per-gt scans
-# (num_warps_gt warps, tile descriptors read tchunk at a time; small tiles prune more finely); block_p contested priors x block_g gts per tile of the resolve pass.
-TUNING = dict(block_n=64, num_warps_gt=1, tchunk=128, num_warps_prior=2, block_c=32,
-              block_g=32, block_p=16, num_warps=4, prune=True)
+# (num_warps_gt warps, tile descriptors read tchunk at a time; small tiles prune more finely)
+# plus at most s0_programs programs that compute the S0 sum meanwhile; block_p contested priors x block_g gts per tile of the resolve pass.
+TUNING = dict(block_n=64, num_warps_gt=1, tchunk=64, s0_programs=1024, num_warps_prior=2,
+              block_c=32, block_g=32, block_p=16, num_warps=4, prune=True)
 MAX_TOPK = 32
 _SENTINEL = tl.constexpr(0x7FFFFFFFFFFFFFFF)  # key of "no candidate": above every real key
 _NO_SLOT = tl.constexpr(-0x7FFFFFFFFFFFFFFF)   # an inactive list slot: below every real key
@@ -356,7 +360,7 @@ def _claim_s0_tiles(logits_ptr, s0_ptr, valid_ptr, done_ptr, claim_ptr, N, C, NT
 @triton.jit
 def _gt_kernel(priors_ptr, pred_ptr, logits_ptr, s0_ptr, valid_ptr, desc_ptr, tstride_ptr,
                gtb_ptr, gtl_ptr, gtm_ptr, count_ptr, owner_ptr, clist_ptr, ccount_ptr, done_ptr,
-               claim_ptr, N, G, C, NT, CAP, radius, iou_weight, margin, MMDET: tl.constexpr,
+               claim_ptr, B, N, G, C, NT, CAP, radius, iou_weight, margin, MMDET: tl.constexpr,
                PRUNE: tl.constexpr, TOPK: tl.constexpr, KL: tl.constexpr, BLOCK_N: tl.constexpr,
                TCHUNK: tl.constexpr, BLOCK_C: tl.constexpr, C_BLOCKS: tl.constexpr,
                RN: tl.constexpr):
@@ -368,163 +372,169 @@ def _gt_kernel(priors_ptr, pred_ptr, logits_ptr, s0_ptr, valid_ptr, desc_ptr, ts
     contribute. Order changes no result (both lists keep exact top-k sets of distinct values /
     keys); it only makes the bounds prune sooner."""
     pid = tl.program_id(0)
-    b = pid // G
-    g = pid % G
-    if RN:  # torch.compile passes Python floats as fp64 scalars (the interpreter as floats)
-        radius = radius.to(tl.float32)
-        iou_weight = iou_weight.to(tl.float32)
-        margin = margin.to(tl.float32)
-    if tl.load(gtm_ptr + pid) != 0:
-        label = tl.minimum(tl.maximum(tl.load(gtl_ptr + pid), 0), C - 1).to(tl.int64)
-        gx1 = tl.load(gtb_ptr + pid * 4)
-        gy1 = tl.load(gtb_ptr + pid * 4 + 1)
-        gx2 = tl.load(gtb_ptr + pid * 4 + 2)
-        gy2 = tl.load(gtb_ptr + pid * 4 + 3)
-        area_g = (gx2 - gx1) * (gy2 - gy1)
-        slot = tl.arange(0, KL)
-        lane = tl.arange(0, BLOCK_N)
-        tlane = tl.arange(0, TCHUNK)
-        base = b.to(tl.int64) * N
-        dbase = b.to(tl.int64) * NT
-
-        # 1. Dynamic k: the TOPK largest IoUs (mmdet: valid priors; mmyolo: all priors). The
-        # list keeps the KL >= TOPK largest (0 = empty: IoUs are >= 0), `low` its minimum.
-        # Tile bound: iou <= inter / area_g (union >= area_g) and inter <= `over`, the gt's
-        # overlap with the box around the tile's predicted boxes; tiles with over < low *
-        # area_g (slack for rounding) are skipped, the largest `over` goes first.
-        top = tl.zeros((KL,), tl.float32)
-        low = tl.min(top, axis=0)
-        n_chunks = tl.cdiv(NT, TCHUNK)
-        first = NT * 0  # the chunk holding the largest bound goes first
-        top_bound = -1.0
-        c = 0
-        while c < n_chunks:
-            tt = c * TCHUNK + tlane
-            m = tl.max(_overlap_bound(desc_ptr, dbase, tt, tt < NT, gx1, gy1, gx2, gy2), axis=0)
-            first = tl.where(m > top_bound, c, first)
-            top_bound = tl.maximum(m, top_bound)
-            c += 1
-        c = 0
-        while c < n_chunks:
-            t0 = ((first + c) % n_chunks) * TCHUNK
-            c += 1
-            tt = t0 + tlane
-            tm = tt < NT
-            over = _overlap_bound(desc_ptr, dbase, tt, tm, gx1, gy1, gx2, gy2)
-            left = tm & (over > 0.0)
-            keep = left & (over >= low * area_g * 0.9999)
-            while tl.max(keep.to(tl.int32), axis=0) > 0:
-                best = tl.argmax(tl.where(keep, over, -1.0), axis=0)
-                left = left & (tlane != best)
-                n = (t0 + best) * BLOCK_N + lane
-                nm = n < N
-                bx1, by1, bx2, by2 = _load_rows4(pred_ptr, base + n, nm)
-                # Cheap filter without a division: iou > low <=> inter > low * union (with
-                # slack for rounding); only tiles where some prior passes pay for the exact IoU.
-                w = tl.maximum(tl.minimum(bx2, gx2) - tl.maximum(bx1, gx1), 0.0)
-                h = tl.maximum(tl.minimum(by2, gy2) - tl.maximum(by1, gy1), 0.0)
-                inter = w * h
-                union = tl.maximum((bx2 - bx1) * (by2 - by1) + area_g - inter, 1e-6)
-                maybe = nm & (inter > 0.0) & (inter >= low * union * 0.99999)
-                if MMDET:
-                    maybe = maybe & (tl.load(valid_ptr + base + n, mask=nm, other=0) != 0)
-                if tl.max(maybe.to(tl.int32), axis=0) > 0:
-                    iou = _iou(bx1, by1, bx2, by2, gx1, gy1, gx2, gy2, RN)
-                    counted = maybe & (iou > low)
-                    # one insertion per candidate: faster than a bitonic tl.topk merge
-                    top, low = _keep_largest(top, low, tl.where(counted, iou, -1.0), slot, KL)
-                keep = left & (over >= low * area_g * 0.9999)
-        vals = top
-        total = 0.0
-        for i in range(TOPK):  # descending order, as the reference adds them
-            total = total + tl.max(vals, axis=0)
-            vals = tl.where(slot == tl.argmax(vals, axis=0), -1.0, vals)
-        k = tl.maximum(total.to(tl.int32), 1)
-
+    if pid >= B * G:
+        # Programs past the gts' only compute S0 tiles, from the launch's start, while the gt
+        # programs scan IoUs (mmdet only; the grid has no such programs for mmyolo).
         if MMDET:
-            # S0 of the valid priors, one tile of BLOCK_N priors per claim, by whichever
-            # programs are done with their IoU scan: the logits stream while other programs
-            # still scan. Only running programs claim tiles and none waits before finishing
-            # its claims, so every image's tiles get done and the wait below ends.
-            _claim_s0_tiles(logits_ptr, s0_ptr, valid_ptr, done_ptr, claim_ptr, N, C, NT,
-                            tl.num_programs(0) // G * NT, BLOCK_N, BLOCK_C, C_BLOCKS, RN)
-            ready = tl.atomic_add(done_ptr + b, 0, sem="acquire")
-            while ready < NT:
-                ready = tl.atomic_add(done_ptr + b, 0, sem="acquire")
-            tl.debug_barrier()
+            _claim_s0_tiles(logits_ptr, s0_ptr, valid_ptr, done_ptr, claim_ptr, N, C, NT, B * NT,
+                            BLOCK_N, BLOCK_C, C_BLOCKS, RN)
+    else:
+        b = pid // G
+        g = pid % G
+        if RN:  # torch.compile passes Python floats as fp64 scalars (the interpreter as floats)
+            radius = radius.to(tl.float32)
+            iou_weight = iou_weight.to(tl.float32)
+            margin = margin.to(tl.float32)
+        if tl.load(gtm_ptr + pid) != 0:
+            label = tl.minimum(tl.maximum(tl.load(gtl_ptr + pid), 0), C - 1).to(tl.int64)
+            gx1 = tl.load(gtb_ptr + pid * 4)
+            gy1 = tl.load(gtb_ptr + pid * 4 + 1)
+            gx2 = tl.load(gtb_ptr + pid * 4 + 2)
+            gy2 = tl.load(gtb_ptr + pid * 4 + 3)
+            area_g = (gx2 - gx1) * (gy2 - gy1)
+            slot = tl.arange(0, KL)
+            lane = tl.arange(0, BLOCK_N)
+            tlane = tl.arange(0, TCHUNK)
+            base = b.to(tl.int64) * N
+            dbase = b.to(tl.int64) * NT
 
-        # 2. The k cheapest valid priors. The class cost is >= 0 and the IoU cost >=
-        # -iou_weight * 1e-7, so cost >= centre cost - margin: once k candidates are kept, a
-        # prior whose centre cost alone exceeds the k-th kept cost + margin cannot enter (nor
-        # tie), i.e. its centre distance exceeds max_dist strides. A tile is skipped, before
-        # any of its priors is read, when the box around its valid priors' centres is farther
-        # than max_dist times its largest stride; the nearest tile (in strides) goes first.
-        keys = tl.where(slot < k, _SENTINEL, _NO_SLOT)
-        worst = tl.max(keys, axis=0)
-        cx = (gx1 + gx2) * 0.5
-        cy = (gy1 + gy2) * 0.5
-        max_dist = 3.0e38
-        first = NT * 0  # the chunk holding the nearest tile goes first
-        top_near = 3.0e38
-        c = 0
-        while c < n_chunks:
-            tt = c * TCHUNK + tlane
-            d2, smax, left = _centre_bound(desc_ptr, tstride_ptr, dbase, tt, tt < NT, cx, cy)
-            m = tl.min(tl.where(left, tl.minimum(d2 / (smax * smax), 1.0e38), 3.0e38), axis=0)
-            first = tl.where(m < top_near, c, first)
-            top_near = tl.minimum(m, top_near)
-            c += 1
-        c = 0
-        while c < n_chunks:
-            t0 = ((first + c) % n_chunks) * TCHUNK
-            c += 1
-            tt = t0 + tlane
-            d2, smax, left = _centre_bound(desc_ptr, tstride_ptr, dbase, tt, tt < NT, cx, cy)
-            near = tl.minimum(d2 / (smax * smax), 1.0e38)
-            reach = tl.maximum(max_dist, 0.0) * smax
-            keep = left & (d2 <= reach * reach * 1.0001)
-            while tl.max(keep.to(tl.int32), axis=0) > 0:
-                best = tl.argmin(tl.where(keep, near, 3.0e38), axis=0)
-                left = left & (tlane != best)
-                n = (t0 + best) * BLOCK_N + lane
-                nm = n < N
-                valid = tl.load(valid_ptr + base + n, mask=nm, other=0) != 0
-                px, py, stride, _ = _load_rows4(priors_ptr, n, nm)
-                stride = tl.where(nm, stride, 1.0)
-                # dist <= max_dist without sqrt or division (slack for rounding; inf passes all)
-                dx = px - cx
-                dy = py - cy
-                reach_n = tl.maximum(max_dist, 0.0) * stride
-                need = valid & (dx * dx + dy * dy <= reach_n * reach_n * 1.00001)
-                if tl.max(need.to(tl.int32), axis=0) > 0:
-                    bx1, by1, bx2, by2 = _load_rows4(pred_ptr, base + n, need)
-                    iou = _iou(bx1, by1, bx2, by2, gx1, gy1, gx2, gy2, RN)
-                    if MMDET:  # written by other programs of this launch: read from L2
-                        s0 = tl.load(s0_ptr + base + n, mask=need, other=0.0, cache_modifier=".cg")
-                    else:
-                        s0 = 0.0
-                    xl = tl.load(logits_ptr + (base + n) * C + label, mask=need, other=0.0).to(tl.float32)
-                    cost = _pair_cost(iou, px, py, stride, s0, xl, gx1, gy1, gx2, gy2, radius,
-                                      iou_weight, MMDET, RN)
-                    key = _key(cost, n)
-                    keys, worst = _keep_smallest(keys, worst, tl.where(need & (key < worst), key, _SENTINEL), KL)
-                    if PRUNE:
-                        if worst != _SENTINEL:
-                            kth = _cost_of_key(worst)
-                            bound = tl.maximum(kth + margin, 1e-30)
-                            max_dist = radius + tl.log(bound) * 0.4342944819032518 + 1e-3
+            # 1. Dynamic k: the TOPK largest IoUs (mmdet: valid priors; mmyolo: all priors). The
+            # list keeps the KL >= TOPK largest (0 = empty: IoUs are >= 0), `low` its minimum.
+            # Tile bound: iou <= inter / area_g (union >= area_g) and inter <= `over`, the gt's
+            # overlap with the box around the tile's predicted boxes; tiles with over < low *
+            # area_g (slack for rounding) are skipped, the largest `over` goes first.
+            top = tl.zeros((KL,), tl.float32)
+            low = tl.min(top, axis=0)
+            n_chunks = tl.cdiv(NT, TCHUNK)
+            first = NT * 0  # the chunk holding the largest bound goes first
+            top_bound = -1.0
+            c = 0
+            while c < n_chunks:
+                tt = c * TCHUNK + tlane
+                m = tl.max(_overlap_bound(desc_ptr, dbase, tt, tt < NT, gx1, gy1, gx2, gy2), axis=0)
+                first = tl.where(m > top_bound, c, first)
+                top_bound = tl.maximum(m, top_bound)
+                c += 1
+            c = 0
+            while c < n_chunks:
+                t0 = ((first + c) % n_chunks) * TCHUNK
+                c += 1
+                tt = t0 + tlane
+                tm = tt < NT
+                over = _overlap_bound(desc_ptr, dbase, tt, tm, gx1, gy1, gx2, gy2)
+                left = tm & (over > 0.0)
+                keep = left & (over >= low * area_g * 0.9999)
+                while tl.max(keep.to(tl.int32), axis=0) > 0:
+                    best = tl.argmax(tl.where(keep, over, -1.0), axis=0)
+                    left = left & (tlane != best)
+                    n = (t0 + best) * BLOCK_N + lane
+                    nm = n < N
+                    bx1, by1, bx2, by2 = _load_rows4(pred_ptr, base + n, nm)
+                    # Cheap filter without a division: iou > low <=> inter > low * union (with
+                    # slack for rounding); only tiles where some prior passes pay for the exact IoU.
+                    w = tl.maximum(tl.minimum(bx2, gx2) - tl.maximum(bx1, gx1), 0.0)
+                    h = tl.maximum(tl.minimum(by2, gy2) - tl.maximum(by1, gy1), 0.0)
+                    inter = w * h
+                    union = tl.maximum((bx2 - bx1) * (by2 - by1) + area_g - inter, 1e-6)
+                    maybe = nm & (inter > 0.0) & (inter >= low * union * 0.99999)
+                    if MMDET:
+                        maybe = maybe & (tl.load(valid_ptr + base + n, mask=nm, other=0) != 0)
+                    if tl.max(maybe.to(tl.int32), axis=0) > 0:
+                        iou = _iou(bx1, by1, bx2, by2, gx1, gy1, gx2, gy2, RN)
+                        counted = maybe & (iou > low)
+                        # one insertion per candidate: faster than a bitonic tl.topk merge
+                        top, low = _keep_largest(top, low, tl.where(counted, iou, -1.0), slot, KL)
+                    keep = left & (over >= low * area_g * 0.9999)
+            vals = top
+            total = 0.0
+            for i in range(TOPK):  # descending order, as the reference adds them
+                total = total + tl.max(vals, axis=0)
+                vals = tl.where(slot == tl.argmax(vals, axis=0), -1.0, vals)
+            k = tl.maximum(total.to(tl.int32), 1)
+
+            if MMDET:
+                # Help with the S0 tiles left, then wait for this image's. Only running programs
+                # claim tiles and none waits before finishing its claims, so every tile gets
+                # done and the wait ends, whatever the order programs are scheduled in.
+                _claim_s0_tiles(logits_ptr, s0_ptr, valid_ptr, done_ptr, claim_ptr, N, C, NT,
+                                B * NT, BLOCK_N, BLOCK_C, C_BLOCKS, RN)
+                ready = tl.atomic_add(done_ptr + b, 0, sem="acquire")
+                while ready < NT:
+                    ready = tl.atomic_add(done_ptr + b, 0, sem="acquire")
+                tl.debug_barrier()
+
+            # 2. The k cheapest valid priors. The class cost is >= 0 and the IoU cost >=
+            # -iou_weight * 1e-7, so cost >= centre cost - margin: once k candidates are kept, a
+            # prior whose centre cost alone exceeds the k-th kept cost + margin cannot enter (nor
+            # tie), i.e. its centre distance exceeds max_dist strides. A tile is skipped, before
+            # any of its priors is read, when the box around its valid priors' centres is farther
+            # than max_dist times its largest stride; the nearest tile (in strides) goes first.
+            keys = tl.where(slot < k, _SENTINEL, _NO_SLOT)
+            worst = tl.max(keys, axis=0)
+            cx = (gx1 + gx2) * 0.5
+            cy = (gy1 + gy2) * 0.5
+            max_dist = 3.0e38
+            first = NT * 0  # the chunk holding the nearest tile goes first
+            top_near = 3.0e38
+            c = 0
+            while c < n_chunks:
+                tt = c * TCHUNK + tlane
+                d2, smax, left = _centre_bound(desc_ptr, tstride_ptr, dbase, tt, tt < NT, cx, cy)
+                m = tl.min(tl.where(left, tl.minimum(d2 / (smax * smax), 1.0e38), 3.0e38), axis=0)
+                first = tl.where(m < top_near, c, first)
+                top_near = tl.minimum(m, top_near)
+                c += 1
+            c = 0
+            while c < n_chunks:
+                t0 = ((first + c) % n_chunks) * TCHUNK
+                c += 1
+                tt = t0 + tlane
+                d2, smax, left = _centre_bound(desc_ptr, tstride_ptr, dbase, tt, tt < NT, cx, cy)
+                near = tl.minimum(d2 / (smax * smax), 1.0e38)
                 reach = tl.maximum(max_dist, 0.0) * smax
                 keep = left & (d2 <= reach * reach * 1.0001)
+                while tl.max(keep.to(tl.int32), axis=0) > 0:
+                    best = tl.argmin(tl.where(keep, near, 3.0e38), axis=0)
+                    left = left & (tlane != best)
+                    n = (t0 + best) * BLOCK_N + lane
+                    nm = n < N
+                    valid = tl.load(valid_ptr + base + n, mask=nm, other=0) != 0
+                    px, py, stride, _ = _load_rows4(priors_ptr, n, nm)
+                    stride = tl.where(nm, stride, 1.0)
+                    # dist <= max_dist without sqrt or division (slack for rounding; inf passes all)
+                    dx = px - cx
+                    dy = py - cy
+                    reach_n = tl.maximum(max_dist, 0.0) * stride
+                    need = valid & (dx * dx + dy * dy <= reach_n * reach_n * 1.00001)
+                    if tl.max(need.to(tl.int32), axis=0) > 0:
+                        bx1, by1, bx2, by2 = _load_rows4(pred_ptr, base + n, need)
+                        iou = _iou(bx1, by1, bx2, by2, gx1, gy1, gx2, gy2, RN)
+                        if MMDET:  # written by other programs of this launch: read from L2
+                            s0 = tl.load(s0_ptr + base + n, mask=need, other=0.0, cache_modifier=".cg")
+                        else:
+                            s0 = 0.0
+                        xl = tl.load(logits_ptr + (base + n) * C + label, mask=need, other=0.0).to(tl.float32)
+                        cost = _pair_cost(iou, px, py, stride, s0, xl, gx1, gy1, gx2, gy2, radius,
+                                          iou_weight, MMDET, RN)
+                        key = _key(cost, n)
+                        keys, worst = _keep_smallest(keys, worst, tl.where(need & (key < worst), key, _SENTINEL), KL)
+                        if PRUNE:
+                            if worst != _SENTINEL:
+                                kth = _cost_of_key(worst)
+                                bound = tl.maximum(kth + margin, 1e-30)
+                                max_dist = radius + tl.log(bound) * 0.4342944819032518 + 1e-3
+                    reach = tl.maximum(max_dist, 0.0) * smax
+                    keep = left & (d2 <= reach * reach * 1.0001)
 
-        # 3. Register the selection: integer atomics only, so any order gives the same state.
-        sel = (slot < k) & (keys != _SENTINEL)
-        n_sel = (keys & 0xFFFFFFFF).to(tl.int32)
-        at = base + n_sel
-        old = tl.atomic_add(count_ptr + at, 1, mask=sel)
-        tl.atomic_max(owner_ptr + at, g.to(tl.int32) + 0 * n_sel, mask=sel)
-        second = sel & (old == 1)  # the prior just became contested: list it once
-        pos = tl.atomic_add(ccount_ptr + b + 0 * n_sel, 1, mask=second)
-        tl.store(clist_ptr + b.to(tl.int64) * CAP + pos, n_sel, mask=second & (pos < CAP))
+            # 3. Register the selection: integer atomics only, so any order gives the same state.
+            sel = (slot < k) & (keys != _SENTINEL)
+            n_sel = (keys & 0xFFFFFFFF).to(tl.int32)
+            at = base + n_sel
+            old = tl.atomic_add(count_ptr + at, 1, mask=sel)
+            tl.atomic_max(owner_ptr + at, g.to(tl.int32) + 0 * n_sel, mask=sel)
+            second = sel & (old == 1)  # the prior just became contested: list it once
+            pos = tl.atomic_add(ccount_ptr + b + 0 * n_sel, 1, mask=second)
+            tl.store(clist_ptr + b.to(tl.int64) * CAP + pos, n_sel, mask=second & (pos < CAP))
 
 
 @triton.jit
@@ -647,9 +657,10 @@ def _launch(priors, pred_bboxes, pred_logits, gt_bboxes, gt_labels, gt_mask, top
     CAP = max(min(N, G * topk), 1)
     clist = torch.empty((B, CAP), dtype=torch.int32, device=dev)
     block_c = column_block(C, t["block_c"])
-    wrap_triton(_gt_kernel)[(B * G,)](
+    s0_programs = min(B * NT, t["s0_programs"]) if mmdet else 0
+    wrap_triton(_gt_kernel)[(B * G + s0_programs,)](
         priors, preds, logits, s0, valid, desc, tile_stride, gtb, gtl, gtm, count, owner, clist,
-        ccount, done, claim, N, G, C, NT, CAP, soft_center_radius, iou_weight,
+        ccount, done, claim, B, N, G, C, NT, CAP, soft_center_radius, iou_weight,
         1e-4 + 2e-7 * abs(iou_weight), MMDET=mmdet, PRUNE=t["prune"], TOPK=topk, KL=KL,
         BLOCK_N=BNP, TCHUNK=t["tchunk"], BLOCK_C=block_c, C_BLOCKS=triton.cdiv(C, block_c),
         RN=rn, num_warps=t["num_warps_gt"])
