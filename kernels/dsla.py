@@ -48,7 +48,8 @@ from .qfl import column_block
 # Tunables: block_n priors per tile: one program of the prior and finish passes (num_warps_prior
 # warps, at most block_c classes per step of the S0 sum) and one step of the per-gt scans
 # (num_warps_gt warps, tile descriptors read tchunk at a time; small tiles prune more finely)
-# plus at most s0_programs programs that compute the S0 sum meanwhile; block_p contested priors x block_g gts per tile of the resolve pass.
+# plus s0_programs programs that compute the S0 sum meanwhile; block_p contested priors x
+# block_g gts per tile of the resolve pass.
 TUNING = dict(block_n=64, num_warps_gt=1, tchunk=64, s0_programs=1024, num_warps_prior=2,
               block_c=32, block_g=32, block_p=16, num_warps=4, prune=True)
 MAX_TOPK = 32
