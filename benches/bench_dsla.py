@@ -3,8 +3,10 @@ torch.compile), with peak extra memory and the logits-read floor.
 
     python benches/bench_dsla.py --out DIR [--quick]
 
-Inputs are realistic (tests/cases.py: gts of random sizes, predictions near priors and gts),
-rotated among several sets whose total size exceeds L2. Value checks are off
+Inputs are realistic (tests/cases.py: gts of random sizes, predictions near priors and gts)
+padded batches (pad="end": image 0 has G real gts, each other image a uniform random count in
+[0, G]), rotated among several sets whose total size exceeds L2. For every slot real, see
+benches/profile_dsla.py (pad="none"). Value checks are off
 (`rtmdet.ops.set_value_checks(False)`) and the backends are called directly, so no host
 synchronisation is timed. Writes DIR/bench_dsla.json and DIR/bench_dsla.md.
 """
