@@ -91,7 +91,7 @@ setup(
     cmdclass=cmdclass,
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scipy"],
+        "test": ["pytest", "pytest-benchmark", "scipy", "hypothesis"],
         "train": ["pycocotools", "pillow", "matplotlib"],
         "triton": ["triton==3.6.0"],
     },
