@@ -17,11 +17,13 @@ TORCH_LIBRARY(rtmdet, m) {
   m.def("giou_loss_backward(Tensor grad, Tensor pred, Tensor target, float eps) "
         "-> (Tensor, Tensor)");
   m.def("nms(Tensor boxes, Tensor scores, float iou_threshold) -> Tensor");
+  m.def("hungarian_match(Tensor cost, Tensor gt_mask) -> (Tensor, Tensor)");
 }
 
 namespace {
 
-const char* kOps[] = {"box_iou", "dsl_assign", "quality_focal_loss", "giou_loss", "nms"};
+const char* kOps[] = {"box_iou", "dsl_assign", "quality_focal_loss", "giou_loss", "nms",
+                      "hungarian_match"};
 
 PyObject* registered_ops(PyObject*, PyObject*) {
   const Py_ssize_t n = sizeof(kOps) / sizeof(kOps[0]);
