@@ -3,6 +3,8 @@
 Environment switches:
   RTMDET_NO_NATIVE=1   skip every native build (pure Python + Triton only)
   RTMDET_NO_CUDA=1     build the C++ CPU ops but not the CUDA sources
+  TORCH_CUDA_ARCH_LIST GPU architectures of the CUDA part; unset with no GPU visible (a build
+                       box with the CUDA toolkit), DEFAULT_CUDA_ARCHS is used
 The Triton kernels live in kernels/ and install as the subpackage rtmdet.kernels,
 so no top-level module named `kernels` (a PyPI package) is ever installed.
 """
@@ -37,6 +39,23 @@ def _find_installed_torch():
     return bool(found)
 
 
+# Built when no GPU is visible to choose from: Turing to Hopper (CUDA 13 dropped everything
+# older), plus PTX of the newest so that later GPUs can JIT-compile it.
+DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
+
+
+def default_cuda_arch_list(environ, visible_gpus):
+    """The TORCH_CUDA_ARCH_LIST to set before a CUDA build, or None to keep torch's choice.
+
+    Unset (or "native"), torch builds for the visible GPUs, and with none it fails with
+    `IndexError: list index out of range`; a build box without a GPU gets the default then.
+    """
+    requested = environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if visible_gpus > 0 or requested not in ("", "native"):
+        return None
+    return DEFAULT_CUDA_ARCHS
+
+
 def native_extensions():
     if _flag("RTMDET_NO_NATIVE"):
         print("rtmdet: RTMDET_NO_NATIVE set, building no native ops")
@@ -66,8 +85,14 @@ def native_extensions():
         ext_cls = cpp_extension.CUDAExtension
         extra["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math"]
         macros.append(("RTMDET_WITH_CUDA", None))
+        archs = default_cuda_arch_list(os.environ, torch.cuda.device_count())
+        if archs is not None:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+            print(f"rtmdet: no GPU visible, TORCH_CUDA_ARCH_LIST unset: building for {archs} "
+                  "(set TORCH_CUDA_ARCH_LIST to choose, or RTMDET_NO_CUDA=1 to skip CUDA)")
         print(f"rtmdet: building C++ CPU ops and {len(cuda_sources)} CUDA sources "
-              f"(CUDA {torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME})")
+              f"(CUDA {torch.version.cuda}, CUDA_HOME={cpp_extension.CUDA_HOME}, "
+              f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '<visible GPUs>')})")
     else:
         why = ("RTMDET_NO_CUDA set" if _flag("RTMDET_NO_CUDA") else
                "torch has no CUDA" if torch.version.cuda is None else "nvcc not found")
@@ -85,7 +110,8 @@ setup(
     version="0.1.0",
     description="Fast, faithful RTMDet training machinery: fused DSLA assigner, losses, model, trainer",
     python_requires=">=3.10",
-    packages=["rtmdet", "rtmdet.ops", "rtmdet.kernels"],
+    packages=["rtmdet", "rtmdet.ops", "rtmdet.data", "rtmdet.integrations", "rtmdet.training",
+              "rtmdet.kernels"],
     package_dir={"rtmdet": "rtmdet", "rtmdet.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

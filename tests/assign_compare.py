@@ -37,10 +37,10 @@ def _fields(a):
     return a.gt_index, a.labels, a.ious
 
 
-def _close(a, b, rtol):
-    """Elementwise: equal, or both finite and within rtol of the larger magnitude."""
+def _close(a, b, rtol, atol=0.0):
+    """Elementwise: equal, or both finite and within atol + rtol of the larger magnitude."""
     both_finite = torch.isfinite(a) & torch.isfinite(b)
-    near = (a - b).abs() <= rtol * torch.maximum(a.abs(), b.abs())
+    near = (a - b).abs() <= atol + rtol * torch.maximum(a.abs(), b.abs())
     return (a == b) | (both_finite & near)
 
 
@@ -52,11 +52,11 @@ def _k_range(iou_col, valid_col, topk, semantics, k_atol):
     return max(1, math.floor(s - k_atol)), max(1, math.floor(s + k_atol))
 
 
-def _selection_ambiguous(b, n, g, cost, valid, k_range, rtol):
+def _selection_ambiguous(b, n, g, cost, valid, k_range, rtol, atol):
     """Whether rounding can decide if gt g selects prior n (n valid)."""
     col = cost[b, :, g][valid[b]]
     c = cost[b, n, g].expand_as(col)
-    close = _close(col, c, rtol)
+    close = _close(col, c, rtol, torch.maximum(atol[b][valid[b]], atol[b, n]))
     lower = (col < c) & ~close
     lo, hi = int(lower.sum()), int((lower | close).sum())
     k_lo, k_hi = k_range
@@ -65,14 +65,16 @@ def _selection_ambiguous(b, n, g, cost, valid, k_range, rtol):
 
 def assert_same_assignment(expected, actual, cost, iou, *, valid, gt_mask, gt_labels, topk=13,
                            semantics="mmdet", rtol=1e-6, k_atol=2e-5, iou_atol=1e-6,
-                           max_frac=0.005, max_abs=1, context=""):
+                           max_frac=0.005, max_abs=1, cost_atol=0.0, context=""):
     """Assert that `actual` equals `expected` up to ties decided by float rounding.
 
     expected, actual: DSLAssignment or dicts with gt_index, labels, ious of shape (B, N) or (N,).
     cost, iou (B, N, G) float32 and valid (B, N) bool: `ops.dsl_cost_ref` for the same inputs
     (see `reference_costs`); gt_mask (B, G) bool; gt_labels (B, G).
     rtol: relative tolerance under which two costs count as tied (1e-6 kernel vs reference,
-    ~1e-5 for an oracle that sums the class cost literally). At most max(max_abs,
+    ~1e-5 for an oracle that sums the class cost literally). cost_atol: an absolute tolerance
+    added to it, a number or (B, N) per prior (for costs that cancel large terms, e.g. the
+    mmdet class cost with extreme logits). At most max(max_abs,
     max_frac * foreground) priors may differ, each for a reason above.
     Returns a dict with the number of differences of each kind.
     """
@@ -92,6 +94,7 @@ def assert_same_assignment(expected, actual, cost, iou, *, valid, gt_mask, gt_la
     gt_mask, gt_labels = gt_mask.cpu(), gt_labels.cpu().long()
     B, N = e_idx.shape
     G = cost.shape[-1] if cost.dim() == 3 else 0
+    atol = torch.as_tensor(cost_atol, dtype=torch.float32).cpu().expand(B, N)
 
     # The actual assignment must be self-consistent, whatever the ties.
     fg = a_idx >= 0
@@ -121,7 +124,7 @@ def assert_same_assignment(expected, actual, cost, iou, *, valid, gt_mask, gt_la
     k_ranges = {}
     for b, n in (~same).nonzero().tolist():
         e, a = int(e_idx[b, n]), int(a_idx[b, n])
-        if e >= 0 and a >= 0 and bool(_close(cost[b, n, e], cost[b, n, a], rtol)):
+        if e >= 0 and a >= 0 and bool(_close(cost[b, n, e], cost[b, n, a], rtol, atol[b, n])):
             reasons["conflict_tie"] += 1
             continue
         explained = False
@@ -132,7 +135,7 @@ def assert_same_assignment(expected, actual, cost, iou, *, valid, gt_mask, gt_la
                     continue
                 if (b, g) not in k_ranges:
                     k_ranges[b, g] = _k_range(iou[b, :, g], valid[b], topk, semantics, k_atol)
-                if _selection_ambiguous(b, n, g, cost, valid, k_ranges[b, g], rtol):
+                if _selection_ambiguous(b, n, g, cost, valid, k_ranges[b, g], rtol, atol):
                     explained = True
                     break
         if explained:
