@@ -62,7 +62,7 @@ def time_cuda(fn, iters, warmup, device):
     return statistics.median(times), q[0], q[3]
 
 
-def bench_one(args, backend, variant):
+def bench_one(args, backend, variant, adamw="default"):
     dtype, channels_last = VARIANTS[variant]
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -71,7 +71,11 @@ def bench_one(args, backend, variant):
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.004 * args.batch / 256, weight_decay=0.05)
+    if adamw == "default":   # torch's own choice (foreach on CUDA)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.004 * args.batch / 256, weight_decay=0.05)
+    else:                    # the trainer's optimizer: recipe groups, fused / foreach / for-loop
+        from rtmdet.training.optim import build_adamw
+        opt = build_adamw(model, 0.004 * args.batch / 256, 0.05, device, adamw)
 
     def autocast():
         return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
@@ -111,13 +115,31 @@ def bench_one(args, backend, variant):
     with autocast():
         losses = rtmdet.head_loss(cls, reg, targets["boxes"], targets["labels"], targets["mask"],
                                   strides=model.strides, backend=backend)
+    ema_ms = ema_loop_ms = float("nan")
+    if args.ema:   # the trainer's foreach EMA update against the per-tensor loop it replaced
+        from rtmdet.training.ema import ModelEMA
+        ema = ModelEMA(model)
+        ema.update(model)
+        avg = dict(ema.module.state_dict())
+        src = model.state_dict()
+
+        def loop_update():
+            with torch.no_grad():
+                for k, a in avg.items():
+                    if a.dtype.is_floating_point:
+                        a.mul_(0.9998).add_(src[k], alpha=0.0002)
+                    else:
+                        a.copy_(src[k])
+        ema_ms, _, _ = time_cuda(lambda: ema.update(model), args.iters, args.warmup, device)
+        ema_loop_ms, _, _ = time_cuda(loop_update, args.iters, args.warmup, device)
     return {
-        "backend": backend, "variant": variant, "batch": args.batch, "size": args.size,
+        "backend": backend, "variant": variant, "adamw": adamw, "ema_ms": ema_ms,
+        "ema_loop_ms": ema_loop_ms, "batch": args.batch, "size": args.size,
         "gts": args.gts, "step_ms": step_ms, "step_p20_ms": step_p20, "step_p80_ms": step_p80,
         "images_per_s": args.batch * 1000 / step_ms, "network_step_ms": net_ms,
         "head_loss_fwd_bwd_ms": loss_ms, "head_loss_share": loss_ms / step_ms,
         "peak_mem_gib": peak_gib,
-        "loss_cls": float(losses["loss_cls"]), "loss_bbox": float(losses["loss_bbox"]),
+        "loss_cls": float(losses["loss_cls"].detach()), "loss_bbox": float(losses["loss_bbox"].detach()),
     }
 
 
@@ -144,6 +166,9 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--backends", default="auto,torch")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {list(VARIANTS)}")
+    p.add_argument("--adamw", default="default", help="comma list of AdamW implementations: default "
+                   "(torch.optim.AdamW as is), fused, foreach, for-loop (the trainer's build_adamw)")
+    p.add_argument("--ema", action="store_true", help="also time the EMA update (foreach vs per-tensor loop)")
     p.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test the script")
     p.add_argument("--value-checks", action="store_true",
                    help="keep the ops' NaN/label checks on (each one synchronises the host)")
@@ -158,18 +183,20 @@ def main():
           f"G={args.gts} | {env['gpu']} | torch {env['torch']} CUDA {env['cuda']} "
           f"triton {env['triton']}")
     rows = []
-    header = (f"{'backend':8} {'variant':20} {'step ms':>9} {'img/s':>8} {'net ms':>8} "
-              f"{'loss ms':>8} {'loss %':>7} {'peak GiB':>9}")
+    header = (f"{'backend':8} {'variant':20} {'adamw':9} {'step ms':>9} {'img/s':>8} {'net ms':>8} "
+              f"{'loss ms':>8} {'loss %':>7} {'peak GiB':>9} {'EMA ms':>7} {'EMA loop':>8}")
     print(header)
     for backend in args.backends.split(","):
         for variant in args.variants.split(","):
-            r = bench_one(args, backend, variant)
-            rows.append(r)
-            print(f"{backend:8} {variant:20} {r['step_ms']:9.1f} {r['images_per_s']:8.1f} "
-                  f"{r['network_step_ms']:8.1f} {r['head_loss_fwd_bwd_ms']:8.2f} "
-                  f"{100 * r['head_loss_share']:6.1f}% {r['peak_mem_gib']:9.2f}", flush=True)
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
+            for adamw in args.adamw.split(","):
+                r = bench_one(args, backend, variant, adamw)
+                rows.append(r)
+                print(f"{backend:8} {variant:20} {adamw:9} {r['step_ms']:9.1f} {r['images_per_s']:8.1f} "
+                      f"{r['network_step_ms']:8.1f} {r['head_loss_fwd_bwd_ms']:8.2f} "
+                      f"{100 * r['head_loss_share']:6.1f}% {r['peak_mem_gib']:9.2f} "
+                      f"{r['ema_ms']:7.2f} {r['ema_loop_ms']:8.2f}", flush=True)
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
     with open(os.path.join(args.out, "train_step.json"), "w") as f:
         json.dump({"env": env, "args": vars(args), "results": rows}, f, indent=2)
     md = [f"# RTMDet-{args.model} training step", "",
@@ -178,13 +205,15 @@ def main():
           f"median of {args.iters} steps after {args.warmup} warm-up (CUDA events). "
           "`loss` = head_loss forward + backward alone (assignment + QFL + GIoU); "
           "`net` = the step with a trivial loss.", "",
-          "| backend | variant | step ms (p20-p80) | img/s | net ms | loss ms | loss share | peak GiB |",
-          "|---|---|---|---|---|---|---|---|"]
+          "| backend | variant | AdamW | step ms (p20-p80) | img/s | net ms | loss ms | loss share | peak GiB "
+          "| EMA foreach ms | EMA loop ms |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        md.append(f"| {r['backend']} | {r['variant']} | {r['step_ms']:.1f} "
+        md.append(f"| {r['backend']} | {r['variant']} | {r['adamw']} | {r['step_ms']:.1f} "
                   f"({r['step_p20_ms']:.1f}-{r['step_p80_ms']:.1f}) | {r['images_per_s']:.1f} | "
                   f"{r['network_step_ms']:.1f} | {r['head_loss_fwd_bwd_ms']:.2f} | "
-                  f"{100 * r['head_loss_share']:.1f}% | {r['peak_mem_gib']:.2f} |")
+                  f"{100 * r['head_loss_share']:.1f}% | {r['peak_mem_gib']:.2f} | {r['ema_ms']:.2f} | "
+                  f"{r['ema_loop_ms']:.2f} |")
     with open(os.path.join(args.out, "train_step.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     print(f"wrote {args.out}/train_step.json and train_step.md")

@@ -8,6 +8,7 @@ give `--train-ann --train-images --val-ann --val-images` explicitly.
 """
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import fields
@@ -15,6 +16,42 @@ from pathlib import Path
 
 SIZES = ("tiny", "s", "m", "l", "x")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def _int_type(minimum, multiple=1, what=None):
+    """argparse type: an int >= minimum (and a multiple of `multiple`); bad values exit 2."""
+    what = what or (f"an integer >= {minimum}" if minimum != 1 else "a positive integer")
+
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if v < minimum or v % multiple:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
+        return v
+    return parse
+
+
+def _float_type(low=None, high=None, low_open=False, what="a number"):
+    def parse(text):
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if v != v or (low is not None and (v < low or (low_open and v == low))) or \
+                (high is not None and v > high):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
+        return v
+    return parse
+
+
+POSITIVE = _int_type(1)
+NONNEG = _int_type(0)
+IMG_SIZE = _int_type(32, 32, "a positive multiple of 32 (the largest stride)")
+PROB = _float_type(0.0, 1.0, what="a number in [0, 1]")
+POSITIVE_FLOAT = _float_type(0.0, low_open=True, what="a positive number")
+NONNEG_FLOAT = _float_type(0.0, what="a number >= 0")
 
 
 def _data_args(p, *, train=True):
@@ -26,15 +63,16 @@ def _data_args(p, *, train=True):
         p.add_argument("--train-images", help="image folder of the training set")
     p.add_argument("--val-ann", help="COCO instances json of the validation set (overrides --data)")
     p.add_argument("--val-images", help="image folder of the validation set")
-    p.add_argument("--num-train-images", type=int, help="synthetic set: training images (default 2000)")
-    p.add_argument("--num-val-images", type=int, help="synthetic set: validation images (default 200)")
+    p.add_argument("--num-train-images", type=POSITIVE, help="synthetic set: training images (default 2000)")
+    p.add_argument("--num-val-images", type=POSITIVE, help="synthetic set: validation images (default 200)")
 
 
 def _common(p):
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (0: main process)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (torch.set_num_threads)")
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default=None, help="mixed precision")
+    p.add_argument("--workers", type=NONNEG, default=None, help="DataLoader worker processes (0: main process)")
+    p.add_argument("--threads", type=POSITIVE, default=None, help="torch CPU threads (torch.set_num_threads)")
+    p.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default=None,
+                   help="mixed precision (default auto: bf16 on a CUDA GPU that supports it, none on the CPU)")
 
 
 def build_parser():
@@ -50,57 +88,71 @@ def build_parser():
                    "cpu-demo: RTMDet-tiny on the built-in set in < 15 min on 2 CPU cores")
     _data_args(t)
     _common(t)
-    t.add_argument("--max-images", type=int, help="use only the first N training images")
-    t.add_argument("--epochs", type=int, help="epochs (default 300)")
-    t.add_argument("--stage2-epochs", type=int, help="last epochs without Mosaic/MixUp (default 20)")
-    t.add_argument("--batch-size", type=int, help="images per process and step (default 32)")
-    t.add_argument("--img-size", type=int, help="square input size (default 640)")
-    t.add_argument("--lr", type=float, help="base LR (default 0.004 x total batch / 256)")
-    t.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.05)")
-    t.add_argument("--warmup-iters", type=int, help="linear warm-up iterations (default 1000)")
-    t.add_argument("--grad-clip", type=float, help="clip the gradient norm to this value")
-    t.add_argument("--eval-interval", type=int, help="evaluate the EMA model every N epochs (0: never)")
-    t.add_argument("--seed", type=int, help="random seed (default 0)")
+    t.add_argument("--max-images", type=POSITIVE, help="use only the first N training images")
+    t.add_argument("--epochs", type=POSITIVE, help="epochs (default 300)")
+    t.add_argument("--stage2-epochs", type=NONNEG, help="last epochs without Mosaic/MixUp (default 20)")
+    t.add_argument("--batch-size", type=POSITIVE, help="images per process and micro-batch (default 32)")
+    t.add_argument("--accumulate", type=POSITIVE, help="micro-batches per optimizer step (gradient "
+                   "accumulation; the effective batch and the LR scale with it; default 1)")
+    t.add_argument("--img-size", type=IMG_SIZE, help="square input size, a multiple of 32 (default 640)")
+    t.add_argument("--lr", type=POSITIVE_FLOAT, help="base LR (default 0.004 x effective batch / 256)")
+    t.add_argument("--weight-decay", type=NONNEG_FLOAT, help="AdamW weight decay (default 0.05)")
+    t.add_argument("--warmup-iters", type=NONNEG, help="linear warm-up optimizer steps (default 1000)")
+    t.add_argument("--grad-clip", type=POSITIVE_FLOAT, help="clip the gradient norm to this value")
+    t.add_argument("--eval-interval", type=NONNEG, help="evaluate the EMA model every N epochs (0: never)")
+    t.add_argument("--seed", type=NONNEG, help="random seed (default 0)")
     t.add_argument("--out", help="output folder (default runs/train)")
-    t.add_argument("--resume", help="checkpoint to resume from exactly, or 'auto' (OUT/last.pth if present)")
+    t.add_argument("--resume", help="checkpoint to resume from exactly, or 'auto' (OUT/last.pth, or "
+                   "OUT/prev.pth when last.pth is corrupt; a fresh start when neither exists)")
     t.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under torchrun")
-    t.add_argument("--log-interval", type=int, help="log every N iterations (default 50)")
-    t.add_argument("--checkpoint-iters", type=int, help="also checkpoint every N iterations")
-    t.add_argument("--max-iters", type=int, help="stop after N iterations in total (with a checkpoint)")
-    t.add_argument("--mosaic-prob", type=float, help="Mosaic probability in stage 1 (default 1.0)")
-    t.add_argument("--mixup-prob", type=float, help="MixUp probability in stage 1 (default 0.5)")
-    t.add_argument("--save-predictions", type=int, help="val images to draw with predictions at the end")
+    t.add_argument("--log-interval", type=POSITIVE, help="log (and check the loss is finite) every N "
+                   "steps (default 50)")
+    t.add_argument("--checkpoint-iters", type=POSITIVE, help="also checkpoint every N optimizer steps")
+    t.add_argument("--max-iters", type=POSITIVE, help="stop after N optimizer steps in total (with a checkpoint)")
+    t.add_argument("--mosaic-prob", type=PROB, help="Mosaic probability in stage 1 (default 1.0)")
+    t.add_argument("--mixup-prob", type=PROB, help="MixUp probability in stage 1 (default 0.5)")
+    t.add_argument("--save-predictions", type=NONNEG, help="val images to draw with predictions at the end")
     t.add_argument("--backend", choices=("auto", "torch", "triton", "cpp", "cuda"),
                    help="op backend for the assigner and losses (default auto)")
+    t.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format (default: on CUDA only)")
+    t.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    t.add_argument("--adamw", choices=("auto", "fused", "foreach", "for-loop"),
+                   help="AdamW implementation (default auto: fused on CUDA, PyTorch's default on the CPU)")
+    t.add_argument("--prefetch-factor", type=POSITIVE, help="batches each loader worker prepares ahead (default 4)")
+    t.add_argument("--check-data", action="store_true",
+                   help="decode every training and validation image first and stop if any is unreadable")
     t.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
 
     e = sub.add_parser("eval", help="COCO evaluation of a checkpoint; writes OUT/metrics.json")
     e.add_argument("checkpoint", help="checkpoint (.pth) written by `rtmdet train`")
     _data_args(e, train=False)
     _common(e)
-    e.add_argument("--img-size", type=int, help="input size (default: the training size)")
-    e.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
-    e.add_argument("--score-thr", type=float, default=0.001, help="score threshold (default 0.001)")
-    e.add_argument("--nms-pre", type=int, default=30000, help="top-k before NMS (default 30000)")
+    e.add_argument("--img-size", type=IMG_SIZE, help="input size, a multiple of 32 (default: the training size)")
+    e.add_argument("--batch-size", type=POSITIVE, default=8, help="images per batch (default 8)")
+    e.add_argument("--score-thr", type=PROB, default=0.001, help="score threshold (default 0.001)")
+    e.add_argument("--nms-pre", type=POSITIVE, default=30000, help="top-k before NMS (default 30000)")
     e.add_argument("--no-ema", action="store_true", help="evaluate the raw weights instead of the EMA")
-    e.add_argument("--out", default=None, help="output folder (default: the checkpoint's folder)")
+    e.add_argument("--out", default=None, help="output folder (default: CHECKPOINT_FOLDER/eval)")
+    e.add_argument("--overwrite", action="store_true",
+                   help="allow writing metrics.json/detections.json into a training run's folder")
 
     p = sub.add_parser("predict", help="detect objects in images; writes drawn images and detections.json")
     p.add_argument("checkpoint", help="checkpoint (.pth) written by `rtmdet train`")
     p.add_argument("images", nargs="+", help="image files or folders")
     _common(p)
-    p.add_argument("--img-size", type=int, help="input size (default: the training size)")
-    p.add_argument("--score-thr", type=float, default=0.3, help="score threshold (default 0.3)")
+    p.add_argument("--img-size", type=IMG_SIZE, help="input size, a multiple of 32 (default: the training size)")
+    p.add_argument("--score-thr", type=PROB, default=0.3, help="score threshold (default 0.3)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--out", default="runs/predict", help="output folder (default runs/predict)")
 
     b = sub.add_parser("bench", help="time training steps and inference of a model")
     b.add_argument("--model", choices=SIZES, default="tiny", help="model size (default tiny)")
-    b.add_argument("--batch-size", type=int, default=8, help="batch size (default 8)")
-    b.add_argument("--img-size", type=int, default=640, help="input size (default 640)")
-    b.add_argument("--num-classes", type=int, default=80, help="classes (default 80)")
-    b.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
-    b.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    b.add_argument("--batch-size", type=POSITIVE, default=8, help="batch size (default 8)")
+    b.add_argument("--img-size", type=IMG_SIZE, default=640, help="input size, a multiple of 32 (default 640)")
+    b.add_argument("--num-classes", type=POSITIVE, default=80, help="classes (default 80)")
+    b.add_argument("--steps", type=POSITIVE, default=5, help="timed steps (default 5)")
+    b.add_argument("--warmup", type=NONNEG, default=2, help="untimed steps first (default 2)")
     b.add_argument("--backend", default="auto", help="op backend (default auto)")
     _common(b)
 
@@ -120,16 +172,27 @@ def _train_config(args):
     return TrainConfig(**values)
 
 
+class UsageError(ValueError):
+    """A bad argument found after parsing (printed argparse style, exit code 2)."""
+
+
 def _device(arg):
-    import torch
-    if arg in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(arg)
+    from .training.distributed import resolve_device
+    try:
+        return resolve_device(arg)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def cmd_train(args):
-    from .train import train
+    from .train import ConfigError, train, validate_config
     cfg = _train_config(args)
+    try:
+        validate_config(cfg)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    if args.check_data:
+        _check_data(cfg)
     t0 = time.time()
     metrics = train(cfg)
     if metrics is not None:
@@ -138,11 +201,40 @@ def cmd_train(args):
     return 0
 
 
+def _check_data(cfg):
+    """--check-data: decode every image of both splits; any problem stops the run."""
+    from . import data as D
+    from .train import load_data
+    from .training.inputs import resolve_workers
+    if not hasattr(D, "check_images"):
+        raise UsageError("--check-data: this version of rtmdet.data has no check_images")
+    splits = load_data(cfg)
+    problems = []
+    for name, ds in (("train", splits.train), ("val", splits.val)):
+        found = D.check_images(ds, workers=resolve_workers(cfg.workers, _device(cfg.device)))
+        print(f"--check-data: {len(ds)} {name} images, {len(found)} problem(s)")
+        problems += found
+    if problems:
+        raise D.DatasetError(f"{len(problems)} unreadable image(s): " + "; ".join(problems[:10]) +
+                             (" ..." if len(problems) > 10 else ""))
+
+
+def _eval_out(args):
+    """Where eval writes: --out, else CHECKPOINT_FOLDER/eval. A training run's folder (it holds
+    log.jsonl) is refused without --overwrite, so its metrics.json is never replaced by accident."""
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / "eval"
+    if (out / "log.jsonl").is_file() and (out / "metrics.json").is_file() and not args.overwrite:
+        raise UsageError(f"--out {out} is a training run's folder: its metrics.json and "
+                         "detections.json would be replaced; give another --out or --overwrite")
+    return out
+
+
 def cmd_eval(args):
     import torch
     from . import data as D
-    from .train import DistInfo, evaluate, load_data, model_from_checkpoint
+    from .train import DistInfo, evaluate, model_from_checkpoint
     device = _device(args.device)
+    out = _eval_out(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, cfg, classes, _ = model_from_checkpoint(args.checkpoint, device, use_ema=not args.no_ema)
@@ -152,21 +244,19 @@ def cmd_eval(args):
             setattr(cfg, k, getattr(args, k))
     if args.val_ann or args.val_images:
         if not (args.val_ann and args.val_images):
-            raise D.DatasetError("give both --val-ann and --val-images")
+            raise UsageError("give both --val-ann and --val-images")
         val, ann = D.CocoDetection(args.val_ann, args.val_images), Path(args.val_ann)
     else:
         if cfg.data == "synthetic":
             cfg.train_ann = cfg.train_images = None
             cfg.val_ann = cfg.val_images = None
-        splits = _val_only(cfg)
-        val, ann = splits
+        val, ann = _val_only(cfg)
     if val.classes != classes:
         raise D.DatasetError(f"categories of {ann} {val.classes} differ from the checkpoint's {classes}")
     cfg.eval_score_thr, cfg.eval_nms_pre = args.score_thr, args.nms_pre
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent
     metrics = evaluate(model, val, ann, cfg, device, DistInfo(), out_dir=out)
     print(json.dumps(metrics, indent=2))
-    print(f"wrote {out / 'metrics.json'}")
+    print(f"wrote {out / 'metrics.json'} and {out / 'detections.json'}")
     return 0
 
 
@@ -200,6 +290,8 @@ def _image_files(items):
 
 
 def cmd_predict(args):
+    """Detect objects in every image; an unreadable image is reported (stderr and an "error"
+    entry in detections.json) and the others are still written; exit code 2 if any failed."""
     import numpy as np
     import torch
     from . import data as D
@@ -215,9 +307,15 @@ def cmd_predict(args):
     size = args.img_size or cfg.img_size
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
+    results, failed = [], []
     for f in files:
-        image = D.read_image(f)
+        try:
+            image = D.read_image(f)
+        except (D.DatasetError, OSError, ValueError) as e:
+            print(f"rtmdet predict: error: {e}", file=sys.stderr)
+            failed.append(str(f))
+            results.append({"file": str(f), "error": str(e), "detections": []})
+            continue
         h, w = image.shape[:2]
         smp = D.pad(D.rescale(D.Sample(image, np.zeros((0, 4), np.float32), np.zeros(0, np.int64)),
                               size, size), size, size)
@@ -233,7 +331,11 @@ def cmd_predict(args):
             for b, s, lab in zip(r["boxes"].tolist(), r["scores"].tolist(), r["labels"].tolist())]})
         print(f"{f}: {len(results[-1]['detections'])} detections")
     (out / "detections.json").write_text(json.dumps(results, indent=1))
-    print(f"wrote {len(files)} images and {out / 'detections.json'}")
+    print(f"wrote {len(files) - len(failed)} images and {out / 'detections.json'}")
+    if failed:
+        print(f"rtmdet predict: error: {len(failed)} of {len(files)} image(s) unreadable: "
+              f"{', '.join(failed)}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -299,20 +401,36 @@ def cmd_info(args):
 
 
 def main(argv=None):
+    """Exit codes: 0 done, 2 bad arguments / data / checkpoint (one line on stderr), 130
+    interrupted (a checkpoint was saved; the message says how to continue)."""
     from .data import DatasetError
-    args = build_parser().parse_args(argv)
+    from .train import CheckpointError, ConfigError, TrainingInterrupted
+    parser = build_parser()
+    args = parser.parse_args(argv)
     command = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict,
                "bench": cmd_bench, "info": cmd_info}[args.command]
     try:
         return command(args)
-    except (DatasetError, FileNotFoundError) as e:
+    except UsageError as e:
+        sub = _subparsers(parser)[args.command]
+        sub.print_usage(sys.stderr)
+        print(f"{sub.prog}: error: {e}", file=sys.stderr)
+        return 2
+    except (DatasetError, FileNotFoundError, CheckpointError, ConfigError) as e:
         print(f"rtmdet {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:
-        if "checkpoint" in str(e):
-            print(f"rtmdet {args.command}: error: {e}", file=sys.stderr)
-            return 2
-        raise
+    except FloatingPointError as e:
+        print(f"rtmdet {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except TrainingInterrupted as e:
+        if os.environ.get("RANK", "0") == "0":     # once under torchrun
+            print(f"\nrtmdet {args.command}: {e}", file=sys.stderr)
+        return 130
+
+
+def _subparsers(parser):
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
 
 
 if __name__ == "__main__":

@@ -92,8 +92,9 @@ def test_train_eval_predict_end_to_end(trained, tmp_path, capsys):
 def test_unreadable_image_and_checkpoint_are_named(trained, tmp_path, capsys):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8 truncated")
-    assert main(["predict", str(trained / "run/last.pth"), str(broken), "--out", str(tmp_path)]) == 2
+    assert main(["predict", str(trained / "run/last.pth"), str(broken), "--out", str(tmp_path / "p")]) == 2
     assert str(broken) in capsys.readouterr().err
+    assert json.loads((tmp_path / "p/detections.json").read_text())[0]["file"] == str(broken)
     missing = tmp_path / "nothing.pth"
     assert main(["eval", str(missing), "--data", str(trained / "ds")]) == 2
     assert str(missing) in capsys.readouterr().err
@@ -107,3 +108,134 @@ def test_info_and_bench(capsys):
                  "--backend", "torch", "--threads", "2"]) == 0
     out = capsys.readouterr().out
     assert "train step" in out and "inference" in out and "images/s" in out
+
+
+# ------------------------------------------------------------------ argument validation
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--img-size", "100"], "--img-size"),          # not a multiple of 32
+    (["--img-size", "0"], "--img-size"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--epochs", "0"], "--epochs"),
+    (["--accumulate", "0"], "--accumulate"),
+    (["--workers", "-1"], "--workers"),
+    (["--lr", "-0.1"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--mosaic-prob", "1.5"], "--mosaic-prob"),
+    (["--log-interval", "0"], "--log-interval"),
+    (["--eval-interval", "x"], "--eval-interval"),
+    (["--amp", "fp8"], "--amp"),
+])
+def test_bad_train_arguments_exit_2_naming_the_flag(argv, flag, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--out", str(tmp_path / "o"), *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("rtmdet train: error: argument " + flag)
+    assert not (tmp_path / "o").exists()          # nothing started
+
+
+def test_device_without_cuda_and_bad_device(tmp_path, capsys):
+    import torch
+    if not torch.cuda.is_available():
+        assert main(["train", "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert "--device cuda: CUDA is not available" in err and "Traceback" not in err
+    assert main(["train", "--device", "tpu", "--out", str(tmp_path / "o")]) == 2
+    assert "--device: expected auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    assert main(["predict", "x.pth", "y.png", "--device", "gpu7"]) == 2
+    assert "--device" in capsys.readouterr().err
+
+
+def test_batch_larger_than_dataset_is_one_line(trained, tmp_path, capsys):
+    rc = main(["train", "--data", str(trained / "ds"), "--batch-size", "3", "--img-size", "64",
+               "--workers", "0", "--out", str(tmp_path / "o"), "--no-progress", "--threads", "2"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "--batch-size: 3 images" in err and "the training set has 2" in err and "Traceback" not in err
+
+
+def test_resume_with_another_model_or_other_classes(trained, tmp_path, capsys):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    common = ["--data", str(trained / "ds"), "--batch-size", "2", "--img-size", "64", "--workers", "0",
+              "--out", str(run), "--no-progress", "--threads", "2", "--resume", "auto", "--epochs", "2"]
+    assert main(["train", "--model", "s", *common]) == 2
+    err = capsys.readouterr().err
+    assert "--model s: checkpoint" in err and "RTMDet-tiny" in err and "Traceback" not in err
+    # the same images with two category names swapped: an error, not a silent permutation
+    ds = tmp_path / "swapped"
+    shutil.copytree(trained / "ds", ds)
+    for split in ("train", "val"):
+        ann = ds / f"annotations/instances_{split}.json"
+        gt = json.loads(ann.read_text())
+        gt["categories"][0]["name"], gt["categories"][1]["name"] = (gt["categories"][1]["name"],
+                                                                    gt["categories"][0]["name"])
+        ann.write_text(json.dumps(gt))
+    common[1] = str(ds)
+    assert main(["train", *common]) == 2
+    err = capsys.readouterr().err
+    assert "differ from those of checkpoint" in err and "names or order" in err
+
+
+def test_eval_keeps_the_training_runs_metrics(trained, capsys):
+    run = trained / "run"
+    before = (run / "metrics.json").read_bytes(), (run / "detections.json").read_bytes()
+    assert main(["eval", str(run / "last.pth"), "--data", str(trained / "ds"), "--workers", "0",
+                 "--score-thr", "0.5"]) == 0
+    assert (run / "eval/metrics.json").is_file()             # default: CHECKPOINT_FOLDER/eval
+    assert main(["eval", str(run / "last.pth"), "--data", str(trained / "ds"), "--workers", "0",
+                 "--out", str(run), "--score-thr", "0.5"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert ((run / "metrics.json").read_bytes(), (run / "detections.json").read_bytes()) == before
+
+
+def test_predict_reports_an_unreadable_image_and_writes_the_others(trained, tmp_path, capsys):
+    import shutil
+    folder = tmp_path / "imgs"
+    shutil.copytree(trained / "ds/val", folder)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    rc = main(["predict", str(trained / "run/last.pth"), str(folder), "--out", str(tmp_path / "pred"),
+               "--score-thr", "0.0"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert str(folder / "broken.jpg") in err and "Traceback" not in err
+    dets = json.loads((tmp_path / "pred/detections.json").read_text())
+    assert len(dets) == 3
+    broken = [d for d in dets if d["file"].endswith("broken.jpg")]
+    assert len(broken) == 1 and broken[0]["error"] and broken[0]["detections"] == []
+    assert len(list((tmp_path / "pred").glob("*.png"))) == 2
+
+
+def test_old_format_checkpoint_gets_a_clear_error(tmp_path, capsys):
+    import numpy as np
+    import torch
+    old = tmp_path / "old.pth"
+    torch.save({"model": {}, "rng": [{"numpy": np.random.get_state()}], "config": {}}, old)
+    assert main(["eval", str(old), "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert str(old) in err and "arbitrary code" in err and "Traceback" not in err
+
+
+def test_check_data_names_the_unreadable_image(tmp_path, capsys):
+    D.write_synthetic_split(tmp_path / "ds", "train", 2, size=48)
+    D.write_synthetic_split(tmp_path / "ds", "val", 1, size=48)
+    image = sorted((tmp_path / "ds/train").iterdir())[0]
+    image.write_bytes(image.read_bytes()[:40])
+    rc = main(["train", "--data", str(tmp_path / "ds"), "--check-data", "--workers", "0",
+               "--out", str(tmp_path / "o"), "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert image.name in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["eval", "x.pth", "--img-size", "100"],
+                                  ["eval", "x.pth", "--batch-size", "0"],
+                                  ["predict", "x.pth", "a.png", "--score-thr", "2"],
+                                  ["bench", "--img-size", "33"]])
+def test_bad_eval_predict_bench_arguments(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and "error: argument" in capsys.readouterr().err

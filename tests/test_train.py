@@ -98,7 +98,7 @@ def test_exact_resume_matches_uninterrupted(tiny_data, tmp_path):
     assert not all(torch.equal(first[k], mid["model"][k]) for k in first if first[k].is_floating_point())
     log = [json.loads(x) for x in (tmp_path / "full/log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["type"] == "train"] == [1, 2, 3, 4]
-    assert all(np.isfinite(r["loss"]) and r["lr"] > 0 for r in log)
+    assert all(np.isfinite(r["loss"]) and r["lr"] > 0 for r in log if r["type"] == "train")
     plot_curves(tmp_path / "full/log.jsonl", tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 1000
 
@@ -141,3 +141,61 @@ def test_cpu_demo_preset_synthetic_train_and_eval(tmp_path, monkeypatch):
     assert main(["eval", str(tmp_path / "run/last.pth"), "--threads", "2", "--workers", "0",
                  "--out", str(tmp_path / "ev")]) == 0
     assert json.loads((tmp_path / "ev/metrics.json").read_text())["bbox_mAP"] >= 0.0
+
+
+def test_ema_updates_shared_weights_once():
+    """The SepBN head shares its conv weights across levels (one tensor, several state-dict
+    names): each EMA update must average it once, not once per name."""
+    shared = nn.Linear(2, 2)
+    model = nn.ModuleList([nn.Sequential(shared), nn.Sequential(shared)])
+    ema = ModelEMA(model, momentum=0.1, gamma=1e9)
+    with torch.no_grad():
+        shared.weight.fill_(0.0)
+    ema.update(model)                   # k = 0 copies
+    with torch.no_grad():
+        shared.weight.fill_(1.0)
+    ema.update(model)
+    m = ema.momentum_at(1)
+    assert ema.module[0][0].weight[0, 0].item() == pytest.approx(m, rel=1e-6)
+    assert ema.module[1][0].weight is ema.module[0][0].weight
+
+
+def test_accumulate_keeps_effective_batch_and_lr(tiny_data, tmp_path, capsys):
+    train(_cfg(tiny_data, tmp_path / "acc", batch_size=1, accumulate=2, lr=None, epochs=1,
+               stage2_epochs=0))
+    out = capsys.readouterr().out
+    assert "1 process(es) x batch 1 x accumulate 2 = effective batch 2" in out
+    ck = torch.load(tmp_path / "acc/last.pth", weights_only=True)
+    assert ck["step"] == 2 and ck["ema"]["steps"] == 2          # 4 images = 2 optimizer steps
+    assert ck["optimizer"]["state"][0]["step"].item() == 2
+    log = [json.loads(x) for x in (tmp_path / "acc/log.jsonl").read_text().splitlines()]
+    assert log[0]["type"] == "run" and log[0]["effective_batch"] == 2
+    assert log[0]["lr"] == pytest.approx(0.004 * 2 / 256)
+    steps = [r for r in log if r["type"] == "train"]
+    assert [r["step"] for r in steps] == [1, 2]
+    # the schedule counts optimizer steps: 2 per epoch
+    assert steps[-1]["lr"] == pytest.approx(0.004 * 2 / 256 * lr_factor(1, warmup_iters=2, epochs=1,
+                                                                          iters_per_epoch=2))
+    assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in steps)
+
+
+def test_non_finite_loss_stops_with_the_window_and_keeps_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+    import rtmdet.loss
+    real = rtmdet.loss.head_loss
+    calls = []
+
+    def flaky(*args, **kw):
+        out = real(*args, **kw)
+        calls.append(1)
+        if len(calls) == 3:
+            out["loss_cls"] = out["loss_cls"] * float("nan")
+        return out
+    monkeypatch.setattr(rtmdet.loss, "head_loss", flaky)
+    with pytest.raises(FloatingPointError) as e:
+        train(_cfg(tiny_data, tmp_path / "nan", log_interval=4, checkpoint_iters=2, epochs=1,
+                   stage2_epochs=0, max_images=4, batch_size=1))
+    msg = str(e.value)
+    assert "epoch 1, iterations 3-4" in msg and "loss_cls=nan" in msg and "last.pth" in msg
+    ck = torch.load(tmp_path / "nan/last.pth", weights_only=True)
+    assert ck["step"] == 2          # the step-4 checkpoint was refused
+    assert all(torch.isfinite(t).all() for t in ck["model"].values() if t.is_floating_point())
