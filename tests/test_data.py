@@ -245,3 +245,14 @@ def test_position_sampler_shards_and_skips():
     assert list(D.PositionSampler(5, 0, 2, drop_last=False)) == [0, 2, 4]
     # 11 positions over 2 ranks: rank 0 holds 6, rank 1 holds 5; both run 2 batches of 2
     assert len(D.PositionSampler(11, 0, 2, batch_size=2)) == len(D.PositionSampler(11, 1, 2, batch_size=2)) == 4
+
+
+def test_collate_copies_any_image_layout_exactly():
+    img = np.random.default_rng(0).integers(0, 256, (50, 60, 3), dtype=np.uint8)
+    views = [img[5:45, 7:57], img[5:45, ::-1][:, :50], np.asfortranarray(img[:40, :50])]
+    batch = D.collate([D.Sample(v, np.zeros((0, 4), np.float32), np.zeros(0, np.int64)) for v in views])
+    for got, v in zip(batch["images"], views):
+        assert torch.equal(got, torch.from_numpy(np.ascontiguousarray(v)).permute(2, 0, 1))
+    with pytest.raises(ValueError, match="one size"):
+        D.collate([D.Sample(img, np.zeros((0, 4), np.float32), np.zeros(0, np.int64)),
+                   D.Sample(img[:10], np.zeros((0, 4), np.float32), np.zeros(0, np.int64))])
