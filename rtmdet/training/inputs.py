@@ -1,10 +1,8 @@
-"""The run's datasets and its training loader (the data package's persistent TrainLoader when
-it exists, else a per-epoch DataLoader with the same batches)."""
+"""The run's datasets and its training loader (the data package's persistent TrainLoader)."""
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from .. import data as D
@@ -37,7 +35,7 @@ def load_data(cfg, main=True):
         else:
             root = cfg.data
         tr, va = D.dataset_paths(root, "train"), D.dataset_paths(root, "val")
-    train, val = D.CocoDetection(*tr), D.CocoDetection(*va)
+    train, val = D.CocoDetection(*tr, warn=main), D.CocoDetection(*va, warn=main)
     if train.classes != val.classes:
         raise D.DatasetError(f"categories of {tr[0]} and {va[0]} differ")
     if cfg.max_images:
@@ -60,33 +58,6 @@ def augment_config(cfg):
     return aug
 
 
-class EpochDataLoader:
-    """Today's loader behind TrainLoader's interface: a DataLoader + PositionSampler built per
-    epoch (its workers start each epoch). Used only while `D.TrainLoader` is missing."""
-
-    def __init__(self, train_set, *, batch_size, rank, world, workers, seed, pin_memory,
-                 prefetch_factor):
-        self.train_set, self.batch_size = train_set, batch_size
-        self.rank, self.world, self.workers = rank, world, workers
-        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
-
-    def __len__(self):
-        n = len(D.PositionSampler(len(self.train_set), self.rank, self.world, batch_size=self.batch_size))
-        return n // self.batch_size
-
-    def epoch(self, epoch, strong, start_iter=0):
-        self.train_set.set_epoch(epoch, strong)
-        sampler = D.PositionSampler(len(self.train_set), self.rank, self.world,
-                                    skip=start_iter * self.batch_size, batch_size=self.batch_size)
-        extra = {"prefetch_factor": self.prefetch_factor} if self.workers > 0 else {}
-        return iter(torch.utils.data.DataLoader(
-            self.train_set, batch_size=self.batch_size, sampler=sampler, num_workers=self.workers,
-            collate_fn=D.collate, drop_last=True, pin_memory=self.pin_memory, **extra))
-
-    def close(self):
-        pass
-
-
 def resolve_workers(workers, device, local_world=1):
     """Loader worker processes: `workers` if given; else 2 on the CPU (the cores train) and on
     CUDA the machine's cores shared by its processes, 2 left for the training loops, at most 12."""
@@ -98,8 +69,9 @@ def resolve_workers(workers, device, local_world=1):
 
 
 def train_loader(train_set, cfg, dinfo, device):
-    """The persistent loader of the data package if present, else EpochDataLoader."""
-    make = getattr(D, "TrainLoader", EpochDataLoader)
-    return make(train_set, batch_size=cfg.batch_size, rank=dinfo.rank, world=dinfo.world,
-                workers=cfg.workers, seed=cfg.seed, pin_memory=device.type == "cuda",
-                prefetch_factor=cfg.prefetch_factor)
+    """The persistent loader; told where the last-epochs stage starts, so that it prefetches
+    across that switch too."""
+    return D.TrainLoader(train_set, batch_size=cfg.batch_size, rank=dinfo.rank, world=dinfo.world,
+                         workers=cfg.workers, seed=cfg.seed, pin_memory=device.type == "cuda",
+                         prefetch_factor=cfg.prefetch_factor,
+                         strong_epochs=cfg.epochs - cfg.stage2_epochs)

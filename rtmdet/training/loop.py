@@ -160,7 +160,8 @@ class Trainer:
         if not resumed:
             self.log.write(type="run", effective_batch=self.effective_batch, lr=self.base_lr,
                            world=self.dinfo.world, amp=self.amp, channels_last=self.channels_last,
-                           iters_per_epoch=self.ipe, time=time.time())
+                           iters_per_epoch=self.ipe, time=time.time(),
+                           train_data=self.splits.train.report, val_data=self.splits.val.report)
         if not resumed and self.dinfo.main:
             (self.out / TASKS).unlink(missing_ok=True)
         if resumed and self.it == 0 and self.epoch > 0:
