@@ -23,6 +23,7 @@ import time
 
 import torch
 import triton
+import triton.language as tl
 from triton.testing import do_bench
 
 from rtmdet import ops
@@ -34,6 +35,7 @@ B, N, C = 64, 8400, 80
 N_GIOU = 6400
 N_SETS = 3
 DEVICE = "cuda"
+HOST_PROFILE = False
 
 
 def bench(fn, reps_ms, grad_to_none=None):
@@ -137,6 +139,7 @@ def measure(fn, sets, reps_ms, grad_bytes):
         fn(*sets[next(cycle)]).backward()
     out["forward+backward"] = bench(both, reps_ms, grad_to_none=leaves)
 
+    out["eager call fwd+bwd"] = eager_time(both, leaves)
     if DEVICE == "cuda":
         try:
             out["forward+backward (CUDA graph)"] = graph_time(fn, sets[0], reps_ms)
@@ -154,6 +157,145 @@ def measure(fn, sets, reps_ms, grad_bytes):
     for leaf in leaves:
         leaf.grad = None
     return out
+
+
+def eager_time(fn, leaves=(), reps=100):
+    """p20/p50/p80 of CUDA events around one Python call, synchronised after each, so the
+    GPU starts idle: what an eager training step pays, host launch time included."""
+    times = []
+    for i in range(reps + 10):
+        for t in leaves:
+            t.grad = None
+        if DEVICE == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            ms = (time.perf_counter() - t0) * 1e3
+        if i >= 10:
+            times.append(ms)
+    times.sort()
+    return {q: times[int(f * (len(times) - 1))] for q, f in (("p20", 0.2), ("p50", 0.5), ("p80", 0.8))}
+
+
+def head_loss_case(backend, seed=0):
+    """Head outputs of B images at 640 px (C classes) and G real gts each (tests/cases.py)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from tests.cases import make_case
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    img = 640 if DEVICE == "cuda" else 64
+    cls, reg = [], []
+    for s in (8, 16, 32):
+        h = w = img // s
+        cls.append((torch.randn(B, C, h, w, device=DEVICE, generator=g) * 2 - 4).requires_grad_())
+        reg.append((torch.rand(B, 4, h, w, device=DEVICE, generator=g) * 4 + 0.5).mul(s).requires_grad_())
+    case = make_case(seed, B=B, img_size=(img, img), G=32, C=C, kind="random", pad="none",
+                     device=DEVICE)
+    return cls, reg, case["gt_bboxes"], case["gt_labels"], case["gt_mask"]
+
+
+def bench_head_loss(reps_ms):
+    """Eager rtmdet.head_loss forward + backward (CUDA events around the call) per backend, and
+    the fused one's GPU time in a CUDA graph."""
+    import rtmdet
+    out = {}
+    for backend in ("auto", "torch"):
+        cls, reg, boxes, labels, mask = head_loss_case(backend)
+        leaves = cls + reg
+
+        def step():
+            losses = rtmdet.head_loss(cls, reg, boxes, labels, mask, backend=backend)
+            (losses["loss_cls"] + losses["loss_bbox"]).backward()
+        step()
+        out[backend] = {"eager call fwd+bwd": eager_time(step, leaves)}
+        if backend == "auto" and HOST_PROFILE:
+            print(f"cProfile of 100 eager head_loss fwd+bwd calls ({backend}):\n"
+                  + host_profile(step), flush=True)
+        if DEVICE == "cuda" and backend == "auto":
+            try:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(3):
+                        step()
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step()
+                out[backend]["forward+backward (CUDA graph)"] = bench(graph.replay, reps_ms)
+            except Exception as exc:
+                out[backend]["forward+backward (CUDA graph)"] = {"p50": float("nan"),
+                                                                 "error": str(exc)[:200]}
+        print(f"  head_loss {backend}: " + ", ".join(f"{k} {v['p50']:.4f} ms"
+                                                     for k, v in out[backend].items()), flush=True)
+    return out
+
+
+@triton.jit
+def _one_arg_kernel(p):
+    pass
+
+
+@triton.jit
+def _many_args_kernel(p, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, a16,
+                      a17, a18, a19, a20, a21, a22, a23, a24, a25, a26, a27, a28,
+                      c1: tl.constexpr):
+    pass
+
+
+def host_floors():
+    """Host-side costs on this machine (microseconds per call, no synchronisation): a Triton
+    launch with 1 and with 30 arguments, an ATen op, a CUDA allocation, and the eager time of
+    the smallest autograd step `(x * 2).sum().backward()` (CUDA events, GPU idle at start)."""
+    one_arg, many_args = _one_arg_kernel, _many_args_kernel
+    x = torch.ones(16, device=DEVICE)
+
+    def per_call_us(fn, n=2000):
+        for _ in range(50):
+            fn()
+        synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        us = (time.perf_counter() - t0) / n * 1e6
+        synchronize()
+        return us
+    ints = list(range(3, 31))
+    out = {"triton launch, 1 arg": per_call_us(lambda: one_arg[(1,)](x)),
+           "triton launch, 30 args": per_call_us(lambda: many_args[(1,)](x, *ints, c1=4)),
+           "aten add": per_call_us(lambda: x + 1),
+           "torch.empty": per_call_us(lambda: torch.empty(1024, device=DEVICE))}
+    leaf = x.clone().requires_grad_()
+
+    def tiny_step():
+        (leaf * 2).sum().backward()
+    out["eager (x * 2).sum().backward() ms"] = eager_time(tiny_step, [leaf])["p50"]
+    print("host floors: " + ", ".join(f"{k} {v:.1f}" for k, v in out.items()), flush=True)
+    return out
+
+
+def host_profile(fn, calls=100, top=25):
+    """cProfile of `calls` eager calls: the host functions that take the time."""
+    import cProfile
+    import io
+    import pstats
+    fn()
+    synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    synchronize()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return buf.getvalue()
 
 
 def graph_time(fn, args, reps_ms):
@@ -235,10 +377,13 @@ def main():
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--reps-ms", type=int, default=200, help="do_bench rep time per measurement")
     ap.add_argument("--sweep", action="store_true", help="also sweep the QFL tunables")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="cProfile the eager head_loss and measure host floors")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny sizes on the CPU interpreter: checks this script, times nothing")
     args = ap.parse_args()
-    global DEVICE, B, N, N_GIOU
+    global DEVICE, B, N, N_GIOU, HOST_PROFILE
+    HOST_PROFILE = args.host_profile
     if args.smoke:
         DEVICE, B, N, N_GIOU = "cpu", 2, 64, 64
     elif not torch.cuda.is_available():
@@ -255,6 +400,8 @@ def main():
     bw = copy_bandwidth(args.reps_ms)
     print(f"device-to-device copy: {bw:.0f} GB/s", flush=True)
     report = {"env": env, "copy_GBps": bw, "qfl": {}, "giou": {}}
+    if args.host_profile:
+        report["host_floors"] = host_floors()
 
     for dtype in (torch.float32, torch.bfloat16):
         sets = qfl_sets(dtype)
@@ -273,6 +420,8 @@ def main():
     sets = giou_sets()
     report["giou"]["torch.float32"] = run_impls(f"GIoU M={N_GIOU} float32", giou_fn, giou_dense,
                                                 sets, args.reps_ms, N_GIOU * 16)
+    print(f"head_loss B={B} N={N} C={C} G=32", flush=True)
+    report["head_loss"] = bench_head_loss(args.reps_ms)
     if args.sweep and DEVICE == "cuda":
         report["qfl_sweep_fp32"] = sweep_qfl(args.reps_ms)
 
@@ -290,8 +439,9 @@ def markdown(report):
              f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}; "
              f"value checks off; {env['input_sets']} rotating input sets; "
              f"copy bandwidth {report['copy_GBps']:.0f} GB/s. Times: p50 ms [p20, p80].", "",
-             "| case | impl | forward | backward | fwd+bwd | peak extra MB | fwd+bwd vs floor |",
-             "|---|---|---|---|---|---|---|"]
+             "| case | impl | forward | backward | fwd+bwd | eager call fwd+bwd | CUDA graph "
+             "fwd+bwd | peak extra MB | graph vs floor |",
+             "|---|---|---|---|---|---|---|---|---|"]
     cases = [(f"QFL {k.split('.')[-1]}", v) for k, v in report["qfl"].items()]
     cases += [(f"GIoU {N_GIOU} {k.split('.')[-1]}", v) for k, v in report["giou"].items()]
     for case, res in cases:
@@ -302,11 +452,23 @@ def markdown(report):
             if "error" in r:
                 lines.append(f"| {case} | {impl} | error: {r['error'][:80]} | | | | |")
                 continue
-            cell = lambda k: f"{r[k]['p50']:.4f} [{r[k]['p20']:.4f}, {r[k]['p80']:.4f}]"  # noqa
+            cell = lambda k: (f"{r[k]['p50']:.4f} [{r[k]['p20']:.4f}, {r[k]['p80']:.4f}]"  # noqa
+                              if k in r else "-")
             floor = res.get("floor_ms")
-            ratio = f"{r['forward+backward']['p50'] / floor:.2f}x" if floor else "-"
+            graph = r.get("forward+backward (CUDA graph)", {}).get("p50")
+            ratio = f"{floor / graph:.0%}" if floor and graph else "-"
             lines.append(f"| {case} | {impl} | {cell('forward')} | {cell('backward')} | "
-                         f"{cell('forward+backward')} | {r['peak_extra_MB']:.1f} | {ratio} |")
+                         f"{cell('forward+backward')} | {cell('eager call fwd+bwd')} | "
+                         f"{cell('forward+backward (CUDA graph)')} | {r['peak_extra_MB']:.1f} | "
+                         f"{ratio} |")
+    for backend, r in report.get("head_loss", {}).items():
+        cell = lambda k: f"{r[k]['p50']:.4f}" if k in r else "-"  # noqa
+        lines.append(f"| head_loss B={B} G=32 | {backend} | - | - | - | "
+                     f"{cell('eager call fwd+bwd')} | {cell('forward+backward (CUDA graph)')} "
+                     f"| - | - |")
+    if "host_floors" in report:
+        lines.append("\nHost floors (us per call unless ms): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in report["host_floors"].items()))
     for k, v in report["qfl"].items():
         lines.append(f"\nQFL {k}: logits {v['logits_MB']:.0f} MB; floor (read logits + write "
                      f"gradient once) {v['floor_ms']:.4f} ms; saved-gradient design minimum "

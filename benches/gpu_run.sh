@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # One device call: set up, build, run the GPU tests and the benchmarks, logs under $OUT.
 # Usage (on the device, from the repo root):
-#   bash benches/gpu_run.sh [setup] [sanity] [profile] [sweep] [test] [dsla] [losses] [step]
-# profile: per-kernel DSLA times; sweep: the DSLA and QFL tunables (and QFL's in bench losses).
+#   bash benches/gpu_run.sh [setup] [sanity] [profile] [sweep] [test] [dsla] [dslascenes] [losses]
+#                           [soak] [step]
+# profile: per-kernel DSLA times; sweep: the DSLA and QFL tunables (and QFL's in bench losses);
+# dslascenes: bench_dsla.py on every scene family with fewer baselines (dsla: all baselines);
+# soak: benches/soak_ops.py (20,000 calls; fails on recompilation or memory growth);
+# hostprofile: with losses, host floors (Triton launch, ATen op) and a cProfile of head_loss.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -52,20 +56,38 @@ if [[ $stages == *" sweep "* ]]; then
 fi
 if [[ $stages == *" test "* ]]; then
   log "gpu tests"
-  timeout 400 python3 -m pytest -q -m gpu -x -p no:cacheprovider --durations=10 tests > "$OUT/test_gpu.log" 2>&1
+  timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=10 tests > "$OUT/test_gpu.log" 2>&1
   log "gpu tests rc=$?"; tail -25 "$OUT/test_gpu.log" | tee -a "$OUT/summary.txt"
+  # the first lines of every failure's error, in the summary too
+  grep -E "^(E   |FAILED|ERROR)" "$OUT/test_gpu.log" | head -60 >> "$OUT/summary.txt"
 fi
 for b in dsla losses; do
   if [[ $stages == *" $b "* ]]; then
     log "bench $b"
     extra=""; [[ $b == losses && $stages == *" sweep "* ]] && extra="--sweep"
+    [[ $b == losses && $stages == *" hostprofile "* ]] && extra="$extra --host-profile"
     timeout 300 python3 benches/bench_$b.py --out "$OUT" $extra > "$OUT/bench_$b.log" 2>&1
     log "bench $b rc=$?"; tail -30 "$OUT/bench_$b.log" | tee -a "$OUT/summary.txt"
   fi
 done
+if [[ $stages == *" dslascenes "* ]]; then
+  log "bench dsla scene families (compile baseline on the standard and early fp32 scenes only)"
+  timeout 400 python3 benches/bench_dsla.py --out "$OUT" --compile scenes > "$OUT/bench_dsla.log" 2>&1
+  log "bench dsla scenes rc=$?"; tail -20 "$OUT/bench_dsla.log" | tee -a "$OUT/summary.txt"
+fi
+if [[ $stages == *" soak "* ]]; then
+  log "soak: 20,000 head-loss calls with changing B, N, G"
+  timeout 300 python3 benches/soak_ops.py --out "$OUT" > "$OUT/soak_ops.log" 2>&1
+  log "soak rc=$?"; tail -20 "$OUT/soak_ops.log" | tee -a "$OUT/summary.txt"
+fi
 if [[ $stages == *" step "* ]]; then
   log "bench train step"
   timeout 400 python3 benches/bench_train_step.py --out "$OUT" > "$OUT/bench_step.log" 2>&1
   log "bench step rc=$?"; tail -30 "$OUT/bench_step.log" | tee -a "$OUT/summary.txt"
+fi
+# Only 8 files come back from the device: past 7, everything but the summary goes in one tarball.
+if (( $(ls -1 "$OUT" | wc -l) > 7 )); then
+  (cd "$OUT" && tar czf logs.tar.gz --exclude=summary.txt --exclude=logs.tar.gz -- * \
+    && find . -maxdepth 1 -type f ! -name summary.txt ! -name logs.tar.gz -delete)
 fi
 log "done"

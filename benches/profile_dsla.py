@@ -13,8 +13,8 @@ CONFIGS = [("B64 N8400 G32", 64, (640, 640), 32), ("B16 N8400 G500", 16, (640, 6
            ("B4 N21504 G1000", 4, (1024, 1024), 1000)]
 
 
-def run(name, B, img, G, semantics="mmdet"):
-    case = make_case(7, B=B, img_size=img, G=G, C=80, kind="random", device="cuda")
+def run(name, B, img, G, semantics="mmdet", kind="random"):
+    case = make_case(7, B=B, img_size=img, G=G, C=80, kind=kind, device="cuda")
     args = case_args(case)
     fn = lambda: dsla.dsl_assign_triton(*args, semantics=semantics)  # noqa: E731
     for _ in range(3):
@@ -29,7 +29,7 @@ def run(name, B, img, G, semantics="mmdet"):
         if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0) > 0:
             rows[e.key] = getattr(e, "self_device_time_total", 0) / 10 / 1e3
     total = sum(rows.values())
-    print(f"{name} {semantics}: total {total:.3f} ms/call")
+    print(f"{name} {kind} {semantics} s0_mode={dsla.TUNING['s0_mode']}: total {total:.3f} ms/call")
     for k, v in sorted(rows.items(), key=lambda kv: -kv[1])[:8]:
         print(f"   {v:8.3f} ms  {k[:90]}")
 
@@ -37,7 +37,13 @@ def run(name, B, img, G, semantics="mmdet"):
 if __name__ == "__main__" and "--sweep" not in sys.argv:
     for name, B, img, G in CONFIGS:
         run(name, B, img, G)
-    run(*CONFIGS[0], semantics="mmyolo")
+    for kind in ("random", "early"):
+        run(*CONFIGS[0], semantics="mmyolo", kind=kind)
+    run(*CONFIGS[0], kind="early")
+    dsla.TUNING.update(s0_mode="claim")
+    run(*CONFIGS[0])
+    run(*CONFIGS[0], kind="early")
+    dsla.TUNING.update(s0_mode="dense")
 
 
 def kernel_resources():
@@ -51,20 +57,28 @@ def kernel_resources():
 
 
 def sweep():
-    """Median time of dsl_assign_triton over TUNING choices for the three target configs."""
+    """Median time of dsl_assign_triton over TUNING choices (S0 pass layout) on the standard
+    and the early-training scene at B64/G32, and the default on G500 / G1000."""
     import triton.testing
-    for name, B, img, G in CONFIGS:
-        case = make_case(7, B=B, img_size=img, G=G, C=80, kind="random", device="cuda")
+    scenes = [(CONFIGS[0], "random"), (CONFIGS[0], "early"), (CONFIGS[1], "random"),
+              (CONFIGS[2], "random")]
+    for (name, B, img, G), kind in scenes:
+        case = make_case(7, B=B, img_size=img, G=G, C=80, kind=kind, pad="none", device="cuda")
         args = case_args(case)
         ref = dsla.dsl_assign_triton(*args)
         saved = dict(dsla.TUNING)
-        for tchunk, s0_programs in [(64, 1024), (64, 256), (64, 4096), (64, 0), (128, 1024)]:
-            dsla.TUNING.update(tchunk=tchunk, s0_programs=s0_programs)
+        choices = [dict(s0_mode="claim"), dict(s0_mode="dense")]
+        if G == 32:
+            choices += [dict(s0_mode="dense", s0_block_n=n, s0_warps=w)
+                        for n, w in [(16, 2), (32, 2), (64, 4), (64, 8), (128, 8)]]
+        for choice in choices:
+            dsla.TUNING.update(saved)
+            dsla.TUNING.update(choice)
             out = dsla.dsl_assign_triton(*args)
             same = all(torch.equal(a, b) for a, b in zip(out, ref))
             ms = triton.testing.do_bench(lambda: dsla.dsl_assign_triton(*args), return_mode="median")
-            print(f"{name}: tchunk {tchunk} s0_programs {s0_programs}: "
-                  f"{ms:.3f} ms {'' if same else 'DIFFERENT'} {kernel_resources()}", flush=True)
+            print(f"{name} {kind} all-real: {choice}: {ms:.3f} ms {'' if same else 'DIFFERENT'}",
+                  flush=True)
         dsla.TUNING.update(saved)
 
 

@@ -43,7 +43,7 @@ from torch.library import triton_op, wrap_triton
 from triton.language.extra import libdevice
 
 from .fastmath import softplus_sigmoid
-from .qfl import column_block
+from .qfl import cdiv, column_block, eager_launch_ok
 
 # Tunables: block_n priors per tile: one program of the prior and finish passes (num_warps_prior
 # warps, at most block_c classes per step of the S0 sum) and one step of the per-gt scans
@@ -51,7 +51,12 @@ from .qfl import column_block
 # plus s0_programs programs that compute the S0 sum meanwhile; block_p contested priors x
 # block_g gts per tile of the resolve pass.
 TUNING = dict(block_n=64, num_warps_gt=1, tchunk=64, s0_programs=1024, num_warps_prior=2,
-              block_c=32, block_g=32, block_p=16, num_warps=4, prune=True)
+              block_c=32, block_g=32, block_p=16, num_warps=4, prune=True,
+              s0_mode="dense", s0_block_n=32, s0_warps=4)
+# s0_mode "dense": S0 of every valid prior in a pass of its own between the prior and gt
+# passes (many-warp programs, coalesced rows of logits: bandwidth-bound whatever the share of
+# valid priors); "claim": S0 tiles claimed by one-warp programs inside the gt pass, beside the
+# IoU scans (faster when few priors are valid, 2-3x slower when most are, e.g. early training).
 MAX_TOPK = 32
 _SENTINEL = tl.constexpr(0x7FFFFFFFFFFFFFFF)  # key of "no candidate": above every real key
 _NO_SLOT = tl.constexpr(-0x7FFFFFFFFFFFFFFF)   # an inactive list slot: below every real key
@@ -360,10 +365,24 @@ def _claim_s0_tiles(logits_ptr, s0_ptr, valid_ptr, done_ptr, claim_ptr, N, C, NT
 
 
 @triton.jit
+def _s0_dense_kernel(logits_ptr, s0_ptr, valid_ptr, ROWS, C, BLOCK_N: tl.constexpr,
+                     BLOCK_C: tl.constexpr, C_BLOCKS: tl.constexpr, RN: tl.constexpr):
+    """S0[r] = sum_c f(x[r, c], 0) for the valid rows r of the (B * N, C) logits, 0 elsewhere
+    (invalid rows are not read)."""
+    row = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    inside = row < ROWS
+    valid = (tl.load(valid_ptr + row, mask=inside, other=0) != 0) & inside
+    s0 = tl.zeros((BLOCK_N,), tl.float32)
+    if tl.max(valid.to(tl.int32), axis=0) > 0:
+        s0 = _row_s0(logits_ptr, row, valid, C, BLOCK_N, BLOCK_C, C_BLOCKS, RN)
+    tl.store(s0_ptr + row, s0, mask=inside)
+
+
+@triton.jit
 def _gt_kernel(priors_ptr, pred_ptr, logits_ptr, s0_ptr, valid_ptr, desc_ptr, tstride_ptr,
                gtb_ptr, gtl_ptr, gtm_ptr, count_ptr, owner_ptr, clist_ptr, ccount_ptr, done_ptr,
                claim_ptr, B, N, G, C, NT, CAP, radius, iou_weight, margin, MMDET: tl.constexpr,
-               PRUNE: tl.constexpr, TOPK: tl.constexpr, KL: tl.constexpr, BLOCK_N: tl.constexpr,
+               S0_READY: tl.constexpr, PRUNE: tl.constexpr, TOPK: tl.constexpr, KL: tl.constexpr, BLOCK_N: tl.constexpr,
                TCHUNK: tl.constexpr, BLOCK_C: tl.constexpr, C_BLOCKS: tl.constexpr,
                RN: tl.constexpr):
     """One program per (image, gt): dynamic k from its TOPK largest IoUs, then its k cheapest
@@ -382,7 +401,7 @@ def _gt_kernel(priors_ptr, pred_ptr, logits_ptr, s0_ptr, valid_ptr, desc_ptr, ts
         # Programs past the gts' only compute S0 tiles, alongside the gt programs' IoU scans
         # where there is room on the GPU (mmdet only; none for mmyolo). Measured faster
         # than placing them first, where they delay the gt programs.
-        if MMDET:
+        if MMDET and not S0_READY:
             _claim_s0_tiles(logits_ptr, s0_ptr, valid_ptr, done_ptr, claim_ptr, N, C, NT, B * NT,
                             BLOCK_N, BLOCK_C, C_BLOCKS, RN)
     else:
@@ -455,7 +474,7 @@ def _gt_kernel(priors_ptr, pred_ptr, logits_ptr, s0_ptr, valid_ptr, desc_ptr, ts
                 vals = tl.where(slot == tl.argmax(vals, axis=0), -1.0, vals)
             k = tl.maximum(total.to(tl.int32), 1)
 
-            if MMDET:
+            if MMDET and not S0_READY:
                 # Help with the S0 tiles left, then wait for this image's. Only running programs
                 # claim tiles and none waits before finishing its claims, so every tile gets
                 # done and the wait ends, whatever the order programs are scheduled in.
@@ -626,8 +645,9 @@ def _pow2_at_least(x):
 
 
 def _launch(priors, pred_bboxes, pred_logits, gt_bboxes, gt_labels, gt_mask, topk,
-            soft_center_radius, iou_weight, mmyolo, out):
-    """Run the four passes, writing into out = (gt_index, labels, ious), each (B, N)."""
+            soft_center_radius, iou_weight, mmyolo, out, launch=wrap_triton):
+    """Run the passes, writing into out = (gt_index, labels, ious), each (B, N).
+    launch: wrap_triton inside the op, the identity for direct eager launches."""
     t = TUNING
     B, N, C = pred_logits.shape
     G = gt_bboxes.shape[1]
@@ -643,7 +663,8 @@ def _launch(priors, pred_bboxes, pred_logits, gt_bboxes, gt_labels, gt_mask, top
     gtm = gt_mask.to(torch.uint8).contiguous()
 
     BNP = t["block_n"]
-    NT = triton.cdiv(N, BNP)
+    NT = cdiv(N, BNP)
+    CAP = max(min(N, G * topk), 1)
     valid = torch.empty((B, N), dtype=torch.int8, device=dev)
     desc = torch.empty((B, NT, 8), dtype=torch.float32, device=dev)
     tile_stride = torch.empty((NT,), dtype=torch.float32, device=dev)
@@ -653,30 +674,37 @@ def _launch(priors, pred_bboxes, pred_logits, gt_bboxes, gt_labels, gt_mask, top
     ccount = torch.empty((B,), dtype=torch.int32, device=dev)
     sync = torch.empty((B + 1,), dtype=torch.int32, device=dev)  # S0 tiles done per image, claimed
     done, claim = sync[:B], sync[B:]
-    wrap_triton(_prior_kernel)[(B * NT,)](
+    clist = torch.empty((B, CAP), dtype=torch.int32, device=dev)
+    launch(_prior_kernel)[(B * NT,)](
         priors, preds, gtb, gtm, valid, desc, tile_stride, count, owner, ccount, done, claim,
         N, G, NT, MMDET=mmdet, BLOCK_N=BNP, BLOCK_G=32, num_warps=t["num_warps_prior"])
 
-    CAP = max(min(N, G * topk), 1)
-    clist = torch.empty((B, CAP), dtype=torch.int32, device=dev)
     block_c = column_block(C, t["block_c"])
-    s0_programs = t["s0_programs"] if mmdet else 0  # a constant: no min() in a compiled grid
-    wrap_triton(_gt_kernel)[(B * G + s0_programs,)](
+    dense = mmdet and t["s0_mode"] == "dense"
+    if dense:
+        BS = t["s0_block_n"]
+        launch(_s0_dense_kernel)[(cdiv(B * N, BS),)](
+            logits, s0, valid, B * N, C, BLOCK_N=BS, BLOCK_C=block_c,
+            C_BLOCKS=cdiv(C, block_c), RN=rn, num_warps=t["s0_warps"])
+    # a constant: no min() in a compiled grid
+    s0_programs = t["s0_programs"] if mmdet and not dense else 0
+    launch(_gt_kernel)[(B * G + s0_programs,)](
         priors, preds, logits, s0, valid, desc, tile_stride, gtb, gtl, gtm, count, owner, clist,
         ccount, done, claim, B, N, G, C, NT, CAP, soft_center_radius, iou_weight,
-        1e-4 + 2e-7 * abs(iou_weight), MMDET=mmdet, PRUNE=t["prune"], TOPK=topk, KL=KL,
-        BLOCK_N=BNP, TCHUNK=t["tchunk"], BLOCK_C=block_c, C_BLOCKS=triton.cdiv(C, block_c),
+        1e-4 + 2e-7 * abs(iou_weight), MMDET=mmdet, S0_READY=dense, PRUNE=t["prune"],
+        TOPK=topk, KL=KL,
+        BLOCK_N=BNP, TCHUNK=t["tchunk"], BLOCK_C=block_c, C_BLOCKS=cdiv(C, block_c),
         RN=rn, num_warps=t["num_warps_gt"])
 
     BP = t["block_p"]
-    PT = triton.cdiv(CAP, BP)
-    wrap_triton(_resolve_kernel)[(B * PT,)](
+    PT = cdiv(CAP, BP)
+    launch(_resolve_kernel)[(B * PT,)](
         priors, preds, logits, s0, gtb, gtl, gtm, owner, clist, ccount, N, G, C, CAP, PT,
         soft_center_radius, iou_weight, MMDET=mmdet, BLOCK_P=BP, BLOCK_G=t["block_g"], RN=rn,
         num_warps=t["num_warps"])
 
     gt_index, labels, ious = out
-    wrap_triton(_finish_kernel)[(B * NT,)](
+    launch(_finish_kernel)[(B * NT,)](
         preds, gtb, gtl, count, owner, gt_index, labels, ious, N, G, NT,
         BLOCK_N=BNP, RN=rn, num_warps=t["num_warps"])
     return out
@@ -688,11 +716,8 @@ def _empty_outputs(B, N, device):
             torch.empty((B, N), dtype=torch.float32, device=device))
 
 
-@triton_op("rtmdet::dsl_assign_triton", mutates_args=())
-def _dsl_assign_op(priors: torch.Tensor, pred_bboxes: torch.Tensor, pred_logits: torch.Tensor,
-                   gt_bboxes: torch.Tensor, gt_labels: torch.Tensor, gt_mask: torch.Tensor,
-                   topk: int, soft_center_radius: float, iou_weight: float,
-                   mmyolo: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _dsl_assign_impl(priors, pred_bboxes, pred_logits, gt_bboxes, gt_labels, gt_mask, topk,
+                     soft_center_radius, iou_weight, mmyolo, launch=wrap_triton):
     B, N, _ = pred_logits.shape
     G = gt_bboxes.shape[1]
     out = _empty_outputs(B, N, pred_logits.device)
@@ -702,7 +727,20 @@ def _dsl_assign_op(priors: torch.Tensor, pred_bboxes: torch.Tensor, pred_logits:
         out[2].zero_()
         return out
     return _launch(priors, pred_bboxes, pred_logits, gt_bboxes, gt_labels, gt_mask, topk,
-                   soft_center_radius, iou_weight, mmyolo, out)
+                   soft_center_radius, iou_weight, mmyolo, out, launch)
+
+
+@triton_op("rtmdet::dsl_assign_triton", mutates_args=())
+def _dsl_assign_op(priors: torch.Tensor, pred_bboxes: torch.Tensor, pred_logits: torch.Tensor,
+                   gt_bboxes: torch.Tensor, gt_labels: torch.Tensor, gt_mask: torch.Tensor,
+                   topk: int, soft_center_radius: float, iou_weight: float,
+                   mmyolo: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _dsl_assign_impl(priors, pred_bboxes, pred_logits, gt_bboxes, gt_labels, gt_mask,
+                            topk, soft_center_radius, iou_weight, mmyolo)
+
+
+def _direct(kernel):
+    return kernel
 
 
 def _check_topk(topk):
@@ -723,6 +761,8 @@ def dsl_assign_triton(priors, pred_bboxes, pred_logits, gt_bboxes, gt_labels, gt
     _check_topk(topk)
     if semantics not in ("mmdet", "mmyolo"):
         raise ValueError(f"dsl_assign_triton: semantics must be 'mmdet' or 'mmyolo', got {semantics!r}")
-    return torch.ops.rtmdet.dsl_assign_triton(
-        priors, pred_bboxes, pred_logits, gt_bboxes, gt_labels, gt_mask, topk,
-        float(soft_center_radius), float(iou_weight), semantics == "mmyolo")
+    args = (priors, pred_bboxes, pred_logits, gt_bboxes, gt_labels, gt_mask, topk,
+            float(soft_center_radius), float(iou_weight), semantics == "mmyolo")
+    if eager_launch_ok(*args[:6]):  # a plain eager call: skip the custom-op dispatch
+        return _dsl_assign_impl(*args, launch=_direct)
+    return torch.ops.rtmdet.dsl_assign_triton(*args)

@@ -4,6 +4,12 @@ One batched `ops.dsl_assign` call, QFL over all B*N priors and GIoU over all B*N
 weighted by the assigned metric (0 for background), so that no shape depends on the data:
 no per-image loop, no `nonzero`, no `.item()`. (The ops' optional NaN/label value checks
 do synchronise; switch them off with `rtmdet.ops.set_value_checks(False)` in training.)
+
+On CUDA with the Triton backend the losses are two fused ops that take the assignment as it
+comes (background label -1, the gts gathered by index inside the GIoU kernel, the
+normaliser as a device scalar): about 14 launches forward and 4 backward for the whole
+head loss, since an eager training step is bound by the host's launch and dispatch time.
+The priors and the decoding table are cached per (feature map sizes, strides, device).
 """
 from typing import Dict, List, Sequence, Union
 
@@ -14,6 +20,8 @@ from . import ops
 from .ops._checks import check_tensor, describe
 
 BBOX_LOSS_WEIGHT = 2.0
+GIOU_EPS = 1e-6
+_prior_cache = {}
 
 
 def pad_gts(gt_bboxes, gt_labels, gt_mask=None, device=None):
@@ -112,25 +120,65 @@ def head_loss(cls_scores: Sequence[torch.Tensor], bbox_preds: Sequence[torch.Ten
     gt_bboxes, gt_labels, gt_mask = pad_gts(gt_bboxes, gt_labels, gt_mask, device=device)
     if gt_bboxes.shape[0] != B:
         raise ValueError(f"head_loss: got {gt_bboxes.shape[0]} images of gts for a batch of {B}")
-    priors = ops.grid_priors([c.shape[-2:] for c in cls_scores], strides, offset=0.0,
-                             device=device)
-    pred_bboxes = ops.distance2bbox(priors[None, :, :2], dists.float())      # (B, N, 4)
+    priors, corners, signs = _prior_tables([tuple(c.shape[-2:]) for c in cls_scores], strides,
+                                           device)
+    # distance2bbox as one op: (x, y, x, y) + (l, t, r, b) * (-1, -1, 1, 1), bitwise equal
+    pred_bboxes = torch.addcmul(corners, dists.float(), signs)               # (B, N, 4)
     a = ops.dsl_assign(priors, pred_bboxes.detach(), logits.detach(), gt_bboxes, gt_labels,
                        gt_mask, backend=backend)
+    metric = a.ious                                                          # 0 for background
+    # Background metrics are 0, so the sum of positive weights equals the sum of metrics.
+    avg = _mean_over_processes(metric.sum()).clamp(min=1.0)
+
+    if _fused_losses(backend, device):
+        from .kernels.giou import giou_loss_triton_sum_public
+        from .kernels.qfl import quality_focal_loss_triton_sum
+        # labels -1 (background) lie outside [0, C): the QFL kernel's background
+        loss_cls = quality_focal_loss_triton_sum(logits.reshape(B * N, C), a.labels.reshape(-1),
+                                                 metric.reshape(-1), None, avg, 2.0, 1.0)
+        loss_bbox = giou_loss_triton_sum_public(pred_bboxes.reshape(B * N, 4), gt_bboxes.float(),
+                                                metric.reshape(-1), avg, GIOU_EPS,
+                                                BBOX_LOSS_WEIGHT, index=a.gt_index)
+        return {"loss_cls": loss_cls, "loss_bbox": loss_bbox}
+
     fg = a.gt_index >= 0
     labels = torch.where(fg, a.labels, torch.full_like(a.labels, C))
-    metric = a.ious.float()                                                  # 0 for background
-
     # Background rows get their own (detached) prediction as target: a finite loss that
     # weight 0 removes, without a data-dependent selection of the positives.
     index = a.gt_index.clamp(min=0)[..., None].expand(B, N, 4)
     target = torch.gather(gt_bboxes.float(), 1, index)
     target = torch.where(fg[..., None], target, pred_bboxes.detach())
-
-    # Background metrics are 0, so the sum of positive weights equals the sum of metrics.
-    avg = _mean_over_processes(metric.sum()).clamp(min=1.0)
     loss_cls = ops.quality_focal_loss(logits.reshape(B * N, C), labels.reshape(-1),
                                       metric.reshape(-1), reduction="sum", backend=backend)
     loss_bbox = ops.giou_loss(pred_bboxes.reshape(B * N, 4), target.reshape(B * N, 4),
                               weight=metric.reshape(-1), reduction="sum", backend=backend)
     return {"loss_cls": loss_cls / avg, "loss_bbox": loss_bbox * BBOX_LOSS_WEIGHT / avg}
+
+
+def _fused_losses(backend, device):
+    """Whether both losses run on the Triton backend here (what ops.* would pick)."""
+    if not (backend == "triton" or (backend == "auto" and device.type == "cuda")):
+        return False
+    impl = ops._backend.resolve_backend("quality_focal_loss", backend, device,
+                                        ops.losses._qfl_impls())
+    return impl == "triton"
+
+
+def _prior_tables(featmap_sizes, strides, device):
+    """(priors (N, 4), corners (N, 4) = (x, y, x, y), signs (4,) = (-1, -1, 1, 1)), cached per
+    (sizes, strides, device) outside torch.compile tracing and CUDA graph capture (a tensor
+    made during capture holds no values until the graph is replayed)."""
+    key = (tuple(featmap_sizes), tuple(strides), str(device))
+    tables = _prior_cache.get(key)
+    if tables is not None:
+        return tables
+    priors = ops.grid_priors(list(featmap_sizes), strides, offset=0.0, device=device)
+    corners = priors[:, :2].repeat(1, 2)
+    signs = torch.tensor([-1.0, -1.0, 1.0, 1.0], device=device)
+    tables = (priors, corners, signs)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if not torch.compiler.is_compiling() and not capturing:
+        if len(_prior_cache) > 64:  # many input sizes (multi-scale training): start over
+            _prior_cache.clear()
+        _prior_cache[key] = tables
+    return tables

@@ -22,6 +22,9 @@ kinds:
   no_valid    gts that contain no prior centre at all: every prior is background
   no_gt       no real gt (all rows padded, or G = 0 with pad="none")
   mixed       a bit of every kind above in each image
+  early       early training: large gts (up to half the image, so most priors are valid),
+              predictions not tied to any gt (boxes a few strides around each prior) and
+              bias-initialised logits (prior probability 0.01, small noise)
 """
 import math
 
@@ -30,7 +33,8 @@ import torch
 from rtmdet import ops
 
 KINDS = ("random", "crowded", "tiny", "duplicate", "zero_width", "border", "far", "no_valid",
-         "no_gt", "mixed")
+         "no_gt", "mixed", "early")
+BIAS_INIT = -4.59511985  # -log((1 - 0.01) / 0.01): RTMDet's classification bias at start
 PADS = ("none", "end", "anywhere")
 TENSORS = ("priors", "pred_bboxes", "pred_logits", "gt_bboxes", "gt_labels", "gt_mask")
 
@@ -97,10 +101,14 @@ def make_case(seed, B=2, *, img_size=(640, 640), featmaps=None, strides=(8, 16, 
         gt_bboxes[b, slots], gt_labels[b, slots] = boxes, labels
         gt_mask[b, slots] = True
 
-    pred_bboxes = torch.stack([_predictions(priors, gt_bboxes[b][gt_mask[b]], gen) for b in range(B)]) \
-        if B else torch.zeros(0, N, 4)
-    pred_logits = torch.randn(B, N, C, generator=gen) * 1.5 - 4.0
-    for b in range(B):
+    early = kind == "early"
+    pred_bboxes = torch.stack([_predictions(priors, gt_bboxes[b][gt_mask[b]], gen, tied=not early)
+                               for b in range(B)]) if B else torch.zeros(0, N, 4)
+    if early:
+        pred_logits = torch.randn(B, N, C, generator=gen) * 0.2 + BIAS_INIT
+    else:
+        pred_logits = torch.randn(B, N, C, generator=gen) * 1.5 - 4.0
+    for b in range(B if not early else 0):
         # Half the priors score some real gt's class higher, as a trained head would.
         lab = gt_labels[b][gt_mask[b]]
         if len(lab) and N and C:
@@ -196,6 +204,8 @@ def _gt_boxes(kind, n, W, H, smin, C, gen):
         boxes[flat, 2] = boxes[flat, 0] + 0.5 * smin  # or zero-height boxes through grid points
         boxes[flat, 1] = boxes[flat, 3] = i[flat] + 0.5 * smin
         boxes[flat, 0] -= 10 * smin
+    elif kind == "early":
+        boxes = _clip(_boxes(gen, n, (0, W), (0, H), (0.1 * big, 0.5 * big)), W, H)
     elif kind == "mixed":
         parts = ("random", "crowded", "tiny", "duplicate", "zero_width", "border", "far")
         which = torch.randint(0, len(parts), (n,), generator=gen)
@@ -219,14 +229,15 @@ def _garbage(G, W, H, C, gen):
     return boxes, labels
 
 
-def _predictions(priors, gts, gen):
-    """(N, 4) decoded boxes: ~60% jittered copies of a random real gt, the rest around the prior."""
+def _predictions(priors, gts, gen, tied=True):
+    """(N, 4) decoded boxes: ~60% jittered copies of a random real gt (tied), the rest (all when
+    not tied) around the prior, a few strides on each side."""
     N = priors.shape[0]
     stride = priors[:, 2]
     d = torch.exp(_uniform(gen, 4 * N, -0.5, 2.5)).view(N, 4) * stride[:, None]
     around = torch.stack([priors[:, 0] - d[:, 0], priors[:, 1] - d[:, 1],
                           priors[:, 0] + d[:, 2], priors[:, 1] + d[:, 3]], -1)
-    if len(gts) == 0 or N == 0:
+    if len(gts) == 0 or N == 0 or not tied:
         return around
     g = gts[torch.randint(0, len(gts), (N,), generator=gen)]
     size = torch.stack([g[:, 2] - g[:, 0], g[:, 3] - g[:, 1]] * 2, -1).clamp(min=1.0)

@@ -200,9 +200,13 @@ def qfl_oracle(logits, labels, scores, beta=2.0):
     return torch.tensor(out, dtype=torch.float64)
 
 
-def _areas(a, b, eps):
-    area_a = (a[2] - a[0]) * (a[3] - a[1])
-    area_b = (b[2] - b[0]) * (b[3] - b[1])
+def _areas(a, b, eps, empty_inverted=False):
+    if empty_inverted:  # the GIoU loss's definition: an inverted box has area 0
+        area_a = max(a[2] - a[0], 0.0) * max(a[3] - a[1], 0.0)
+        area_b = max(b[2] - b[0], 0.0) * max(b[3] - b[1], 0.0)
+    else:  # mmdetection's bbox_overlaps (the assigner's IoU): signed areas
+        area_a = (a[2] - a[0]) * (a[3] - a[1])
+        area_b = (b[2] - b[0]) * (b[3] - b[1])
     inter = max(min(a[2], b[2]) - max(a[0], b[0]), 0.0) * max(min(a[3], b[3]) - max(a[1], b[1]), 0.0)
     union = max(area_a + area_b - inter, eps)
     enclose = max(max(a[2], b[2]) - min(a[0], b[0]), 0.0) * max(max(a[3], b[3]) - min(a[1], b[1]), 0.0)
@@ -215,13 +219,13 @@ def iou_oracle(a, b, eps=1e-6):
     return inter / union
 
 
-def giou_oracle(a, b, eps=1e-6):
+def giou_oracle(a, b, eps=1e-6, empty_inverted=False):
     """GIoU of two xyxy boxes given as 4 floats: IoU - (enclose - union) / max(enclose, eps)."""
-    inter, union, enclose = _areas(a, b, eps)
+    inter, union, enclose = _areas(a, b, eps, empty_inverted)
     return inter / union - (enclose - union) / enclose
 
 
 def giou_loss_oracle(pred, target, eps=1e-6):
-    """(M, 4) x (M, 4) -> (M,) float64 of 1 - GIoU."""
-    return torch.tensor([1.0 - giou_oracle([float(v) for v in p], [float(v) for v in t], eps)
+    """(M, 4) x (M, 4) -> (M,) float64 of 1 - GIoU, inverted boxes counted as empty (area 0)."""
+    return torch.tensor([1.0 - giou_oracle([float(v) for v in p], [float(v) for v in t], eps, True)
                          for p, t in zip(pred, target)], dtype=torch.float64)

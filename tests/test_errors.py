@@ -138,8 +138,14 @@ def test_tensors_on_different_devices():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(backend="gpu"), r"backend must be one of .*got 'gpu'"),
     (dict(semantics="yolo"), r"semantics must be one of .*got 'yolo'"),
-    (dict(topk=0), r"topk must be a positive int"),
-    (dict(topk=2.5), r"topk must be a positive int"),
+    (dict(topk=0), r"topk must be an integer >= 1, got 0"),
+    (dict(topk=2.5), r"topk must be an integer >= 1, got 2.5"),
+    (dict(topk=True), r"topk must be an integer >= 1, got True"),
+    (dict(soft_center_radius=float("nan")), r"soft_center_radius must be a finite real number"),
+    (dict(soft_center_radius=-1.0), r"soft_center_radius must be >= 0.0, got -1.0"),
+    (dict(iou_weight=float("inf")), r"iou_weight must be a finite real number"),
+    (dict(iou_weight=-3.0), r"iou_weight must be >= 0.0"),
+    (dict(iou_weight="3"), r"iou_weight must be a finite real number"),
 ])
 def test_dsl_assign_bad_options(kwargs, match):
     args = _args()

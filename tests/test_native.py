@@ -31,7 +31,8 @@ def check(case, semantics, topk=13):
 
 def test_module_contract():
     mod = _backend.native_module()
-    assert set(mod.registered_ops()) == {"box_iou", "dsl_assign", "quality_focal_loss", "giou_loss", "nms"}
+    # other ops (e.g. the DETR matcher) may be registered too
+    assert set(mod.registered_ops()) >= {"box_iou", "dsl_assign", "quality_focal_loss", "giou_loss", "nms"}
     assert mod.with_cuda() in (True, False)
     assert "cpp" in ops.available_backends("cpu")
 

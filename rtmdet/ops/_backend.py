@@ -111,11 +111,27 @@ def resolve_backend(op, backend, device, implemented):
     An explicit backend that cannot run raises RuntimeError saying why and how to get it;
     "auto" falls back to "torch" with a one-time warning when no fast path exists.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
-    device = torch.device(device)
     if backend == "torch":
         return "torch"
+    device = torch.device(device)
+    # CUDA answers are cached: an eager training step calls this several times per step and
+    # is bound by host time (CPU answers are not, so tests can monkeypatch what is built)
+    key = (op, backend, device.index, tuple(implemented)) if device.type == "cuda" else None
+    found = _resolved.get(key) if key is not None else None
+    if found is not None:
+        return found
+    found = _resolve(op, backend, device, implemented)
+    if key is not None:
+        _resolved[key] = found
+    return found
+
+
+_resolved = {}
+
+
+def _resolve(op, backend, device, implemented):
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         for name in available_backends(device):
             if name == "torch" or (name in implemented and _can_run(op, name, device) is None):
@@ -138,6 +154,9 @@ def _can_run(op, backend, device):
     if backend == "triton":
         if not triton_importable():
             return "triton is not installed (pip install triton)"
+        if device.type == "meta":
+            return ("meta tensors hold no data for the Triton kernels; use backend='auto' or "
+                    "'torch' for shapes (torch.compile traces the Triton ops with fake tensors)")
         if device.type != "cuda" and not triton_interpret():
             return (f"tensors are on {device.type}; Triton kernels need CUDA tensors "
                     "(or TRITON_INTERPRET=1 for the CPU interpreter)")
@@ -148,7 +167,7 @@ def _can_run(op, backend, device):
                     f"({native_error()}); reinstall with `pip install -e . --no-build-isolation` "
                     "with RTMDET_NO_NATIVE unset")
         want = "cuda" if backend == "cuda" else "cpu"
-        if device.type != want:
+        if device.type not in (want, "meta"):  # meta: the registered fake kernels give shapes
             return f"tensors are on {device.type} but backend {backend!r} runs on {want}"
         if backend == "cuda" and not cuda_built():
             return "the extension was built without CUDA (needs a CUDA build of torch and nvcc)"

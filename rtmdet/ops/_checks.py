@@ -5,6 +5,9 @@ host synchronisation per call; they are skipped while torch.compile traces or a 
 graph captures, and can be switched off with `set_value_checks(False)` or the
 environment variable RTMDET_CHECK_VALUES=0 for the last microseconds in training loops.
 """
+import math
+import numbers
+import operator
 import os
 from contextlib import contextmanager
 
@@ -29,10 +32,17 @@ def value_checks(enabled: bool):
         set_value_checks(previous)
 
 
+def _is_fake(t):
+    # Meta and fake tensors (torch.compile tracing, FakeTensorMode, opcheck) have no values.
+    return t.is_meta or isinstance(t, torch._subclasses.fake_tensor.FakeTensor)
+
+
 def value_checks_active(*tensors) -> bool:
     if not _value_checks:
         return False
     if torch.compiler.is_compiling():
+        return False
+    if any(_is_fake(t) for t in tensors):
         return False
     if any(t.is_cuda for t in tensors) and torch.cuda.is_current_stream_capturing():
         return False
@@ -69,18 +79,22 @@ def check_dim(name, t, dim, expected, what):
         raise ValueError(f"{name} dimension {dim} must be {expected} ({what}), got {describe(t)}")
 
 
-def check_values(finite=(), labels=None):
+def check_values(finite=(), labels=None, positive=()):
     """Raise ValueError for non-finite entries or labels outside their range.
 
     finite: (name, tensor) pairs that must be free of NaN and Inf.
     labels: (name, tensor, low, high, mask) with low <= t < high where mask (or everywhere).
+    positive: (name, tensor) pairs that must be finite and > 0 everywhere.
     One host synchronisation for all of it; details are computed only on failure.
     """
     finite = [(n, t) for n, t in finite if t is not None and t.numel() > 0]
-    tensors = [t for _, t in finite] + ([labels[1]] if labels is not None else [])
+    positive = [(n, t) for n, t in positive if t is not None and t.numel() > 0]
+    tensors = ([t for _, t in finite] + [t for _, t in positive]
+               + ([labels[1]] if labels is not None else []))
     if not tensors or not value_checks_active(*tensors):
         return
     flags = [torch.isfinite(t).all() for _, t in finite]
+    flags += [(torch.isfinite(t) & (t > 0)).all() for _, t in positive]
     if labels is not None and labels[1].numel() > 0:
         name, lab, low, high, mask = labels
         ok = (lab >= low) & (lab < high)
@@ -94,6 +108,10 @@ def check_values(finite=(), labels=None):
             bad = (~torch.isfinite(t)).nonzero()[0].tolist()
             raise ValueError(f"{name} must be finite, found {t[tuple(bad)].item()} at index "
                              f"{tuple(bad)} ({describe(t)})")
+    for (name, t), flag in zip(positive, flags[len(finite):]):
+        if not bool(flag):
+            raise ValueError(f"{name} must be finite and > 0, found {t.reshape(-1)[0].item()} "
+                             f"({describe(t)})")
     name, lab, low, high, mask = labels
     ok = (lab >= low) & (lab < high)
     if mask is not None:
@@ -101,3 +119,38 @@ def check_values(finite=(), labels=None):
     bad = (~ok).nonzero()[0].tolist()
     raise ValueError(f"{name} must lie in [{low}, {high}), found {lab[tuple(bad)].item()} at "
                      f"index {tuple(bad)} ({describe(lab)})")
+
+
+def check_int(op, name, value, *, low):
+    """An integer-like hyper-parameter (int, numpy integer, 0-d integer tensor) >= low -> int."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise ValueError(f"{op}: {name} must be an integer >= {low}, got {value!r}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{op}: {name} must be an integer >= {low}, got {value!r} "
+                         f"({type(value).__name__})") from None
+    if number < low:
+        raise ValueError(f"{op}: {name} must be an integer >= {low}, got {number}")
+    return number
+
+
+def check_real(op, name, value, *, low=None, positive=False):
+    """A float hyper-parameter: a real number (int, float, numpy scalar, 0-d tensor), finite,
+    >= low (or > 0 with positive=True) -> float. NaN and +-inf are refused."""
+    bound = "> 0" if positive else (f">= {low}" if low is not None else "finite")
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            raise ValueError(f"{op}: {name} must be a real number, got a tensor of shape "
+                             f"{tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{op}: {name} must be a finite real number {bound}, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{op}: {name} must be a finite real number {bound}, got {number}")
+    if positive and not number > 0:
+        raise ValueError(f"{op}: {name} must be > 0, got {number}")
+    if low is not None and number < low:
+        raise ValueError(f"{op}: {name} must be >= {low}, got {number}")
+    return number

@@ -57,7 +57,15 @@ def _register():
         ctx.save_for_backward(logits, labels, scores)
         ctx.beta = beta
 
+    def no_double_backward(op):
+        # backward(create_graph=True) runs this with grad mode on; the C++ backward ops have no
+        # derivative of their own, so a second derivative would silently come out as 0.
+        if torch.is_grad_enabled():
+            raise RuntimeError(f"{op} (cpp): double backward (create_graph=True) is not "
+                               "implemented; use backend='torch' for higher-order gradients")
+
     def qfl_backward(ctx, grad):
+        no_double_backward("quality_focal_loss")
         logits, labels, scores = ctx.saved_tensors
         grad_logits, grad_scores = torch.ops.rtmdet.quality_focal_loss_backward(
             grad.contiguous(), logits, labels, scores, ctx.beta)
@@ -73,6 +81,7 @@ def _register():
         ctx.eps = eps
 
     def giou_backward(ctx, grad):
+        no_double_backward("giou_loss")
         pred, target = ctx.saved_tensors
         grad_pred, grad_target = torch.ops.rtmdet.giou_loss_backward(
             grad.contiguous(), pred, target, ctx.eps)

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend
-from ._checks import (check_dim, check_same_device, check_tensor, check_values, describe,
-                      value_checks_active)
+from ._checks import (check_dim, check_int, check_real, check_same_device, check_tensor,
+                      check_values, describe, value_checks_active)
 from .geometry import _iou
 
 EPS = 1e-7
@@ -37,17 +37,23 @@ def dsl_assign(priors, pred_bboxes, pred_logits, gt_bboxes, gt_labels, gt_mask=N
     [0, C); gt_mask (B, G) bool, True = real gt, padding anywhere (None = all real).
     Unbatched: (N, 4), (N, C), (G, 4), (G,) -> outputs of shape (N,).
     Ties: a gt prefers the lower prior index; a contested prior the lower gt index.
+    topk: an integer >= 1 (numpy integers too); soft_center_radius, iou_weight: finite >= 0.
+    The outputs are never differentiable (on every backend), whatever requires_grad says.
     Returns DSLAssignment(gt_index, labels, ious).
     """
+    topk = check_int("dsl_assign", "topk", topk, low=1)
+    soft_center_radius = check_real("dsl_assign", "soft_center_radius", soft_center_radius, low=0.0)
+    iou_weight = check_real("dsl_assign", "iou_weight", iou_weight, low=0.0)
     args = _prepare(priors, pred_bboxes, pred_logits, gt_bboxes, gt_labels, gt_mask,
                     topk, semantics)
     unbatched, (priors, pred_bboxes, pred_logits, gt_bboxes, gt_labels, gt_mask) = args
     impls = _implementations()
     impl = _backend.resolve_backend("dsl_assign", backend, priors.device, impls)
     fn = dsl_assign_ref if impl == "torch" else impls[impl]
-    out = fn(priors, pred_bboxes, pred_logits, gt_bboxes, gt_labels, gt_mask,
-             topk=topk, soft_center_radius=float(soft_center_radius),
-             iou_weight=float(iou_weight), semantics=semantics)
+    with torch.no_grad():  # an assignment is a discrete choice: no backend gives a gradient
+        out = fn(priors, pred_bboxes, pred_logits, gt_bboxes, gt_labels, gt_mask,
+                 topk=topk, soft_center_radius=soft_center_radius,
+                 iou_weight=iou_weight, semantics=semantics)
     out = DSLAssignment(*out)
     if unbatched:
         out = DSLAssignment(*(t[0] for t in out))
@@ -78,8 +84,6 @@ def _prepare(priors, pred_bboxes, pred_logits, gt_bboxes, gt_labels, gt_mask, to
     """Check the inputs and bring them to the batched form; returns (unbatched, tensors)."""
     if semantics not in SEMANTICS:
         raise ValueError(f"dsl_assign: semantics must be one of {SEMANTICS}, got {semantics!r}")
-    if not isinstance(topk, int) or topk < 1:
-        raise ValueError(f"dsl_assign: topk must be a positive int, got {topk!r}")
     check_tensor("priors", priors, ndim=2, floating=True)
     if priors.shape[1] != 4:
         raise ValueError(f"priors must be (N, 4) rows (x, y, stride_w, stride_h), got {describe(priors)}")
