@@ -2,7 +2,8 @@
 # One device call: set up, build, run the GPU tests and the benchmarks, logs under $OUT.
 # Usage (on the device, from the repo root):
 #   bash benches/gpu_run.sh [setup] [sanity] [profile] [sweep] [test] [dsla] [dslascenes] [losses]
-#                           [soak] [step]
+#                           [soak] [step] [fuzz] [hungarian] [integrations] [data] [e2e]
+#                           [accuracy] [soaktrain]
 # profile: per-kernel DSLA times; sweep: the DSLA and QFL tunables (and QFL's in bench losses);
 # dslascenes: bench_dsla.py on every scene family with fewer baselines (dsla: all baselines);
 # soak: benches/soak_ops.py (20,000 calls; fails on recompilation or memory growth);
@@ -54,12 +55,32 @@ if [[ $stages == *" sweep "* ]]; then
   timeout 300 python3 benches/profile_dsla.py --sweep > "$OUT/sweep_dsla.log" 2>&1
   log "sweep dsla rc=$?"; tail -40 "$OUT/sweep_dsla.log" | tee -a "$OUT/summary.txt"
 fi
+if [[ $stages == *" fuzz "* ]]; then
+  # a correctness run, not a timing: it runs beside the GPU tests
+  log "fuzz (background): 10,000 Triton-vs-torch cases on CUDA (benches/fuzz_gpu.py)"
+  ( timeout 240 python3 benches/fuzz_gpu.py --cases 10000 --seed 0 --time-limit 200 --out "$OUT" \
+      > "$OUT/fuzz_gpu.stdout" 2>&1; echo "fuzz rc=$?" >> "$OUT/fuzz_gpu.stdout" ) &
+  fuzz_pid=$!
+fi
+if [[ $stages == *" soak "* ]]; then
+  # a correctness run (recompilations, allocator growth), not a timing: beside the GPU tests
+  log "soak (background): 20,000 head-loss calls with changing B, N, G"
+  ( timeout 300 python3 benches/soak_ops.py --out "$OUT" > "$OUT/soak_ops.log" 2>&1
+    echo "soak rc=$?" >> "$OUT/soak_ops.log" ) &
+  soak_pid=$!
+fi
 if [[ $stages == *" test "* ]]; then
   log "gpu tests"
   timeout 400 python3 -m pytest -q -m gpu -p no:cacheprovider --durations=10 tests > "$OUT/test_gpu.log" 2>&1
   log "gpu tests rc=$?"; tail -25 "$OUT/test_gpu.log" | tee -a "$OUT/summary.txt"
   # the first lines of every failure's error, in the summary too
   grep -E "^(E   |FAILED|ERROR)" "$OUT/test_gpu.log" | head -60 >> "$OUT/summary.txt"
+fi
+if [[ -n "${soak_pid:-}" ]]; then
+  wait "$soak_pid"; log "$(tail -1 "$OUT/soak_ops.log")"; tail -16 "$OUT/soak_ops.log" | tee -a "$OUT/summary.txt"
+fi
+if [[ -n "${fuzz_pid:-}" ]]; then
+  wait "$fuzz_pid"; log "$(tail -1 "$OUT/fuzz_gpu.stdout")"; tail -8 "$OUT/fuzz_gpu.log" | tee -a "$OUT/summary.txt"
 fi
 for b in dsla losses; do
   if [[ $stages == *" $b "* ]]; then
@@ -75,15 +96,42 @@ if [[ $stages == *" dslascenes "* ]]; then
   timeout 400 python3 benches/bench_dsla.py --out "$OUT" --compile scenes > "$OUT/bench_dsla.log" 2>&1
   log "bench dsla scenes rc=$?"; tail -20 "$OUT/bench_dsla.log" | tee -a "$OUT/summary.txt"
 fi
-if [[ $stages == *" soak "* ]]; then
-  log "soak: 20,000 head-loss calls with changing B, N, G"
-  timeout 300 python3 benches/soak_ops.py --out "$OUT" > "$OUT/soak_ops.log" 2>&1
-  log "soak rc=$?"; tail -20 "$OUT/soak_ops.log" | tee -a "$OUT/summary.txt"
-fi
 if [[ $stages == *" step "* ]]; then
   log "bench train step"
   timeout 400 python3 benches/bench_train_step.py --out "$OUT" > "$OUT/bench_step.log" 2>&1
   log "bench step rc=$?"; tail -30 "$OUT/bench_step.log" | tee -a "$OUT/summary.txt"
+fi
+if [[ $stages == *" hungarian "* ]]; then
+  log "bench hungarian (cost + matching; stock mmdet, reference, cpp, triton, tla, lapx)"
+  timeout 300 python3 benches/bench_hungarian.py --out "$OUT" --quick > "$OUT/bench_hungarian.stdout" 2>&1
+  log "bench hungarian rc=$?"; tail -45 "$OUT/bench_hungarian.log" | tee -a "$OUT/summary.txt"
+fi
+if [[ $stages == *" integrations "* ]]; then
+  log "bench integrations (mmdet RTMDet-s step stock vs fused; mmyolo batched assigner)"
+  timeout 300 python3 benches/bench_integrations.py --log "$OUT/bench_integrations.log" > "$OUT/bench_integrations.stdout" 2>&1
+  log "bench integrations rc=$?"; tail -30 "$OUT/bench_integrations.log" | tee -a "$OUT/summary.txt"
+fi
+if [[ $stages == *" data "* ]]; then
+  log "bench data pipeline (14 workers, 640 px, Mosaic + MixUp)"
+  timeout 120 python3 benches/bench_data.py --workers 14 --out "$OUT/data" > "$OUT/bench_data.log" 2>&1
+  log "bench data rc=$?"; tail -25 "$OUT/bench_data.log" | tee -a "$OUT/summary.txt"
+fi
+if [[ $stages == *" e2e "* ]]; then
+  log "bench e2e (CLI training loop vs step alone; tiny@320 B128, s@640 B64/B256, l@640 B64)"
+  timeout 330 python3 benches/bench_e2e.py --out "$OUT/e2e" --quick --no-progress > "$OUT/bench_e2e.log" 2>&1
+  log "bench e2e rc=$?"; tail -25 "$OUT/bench_e2e.log" | tee -a "$OUT/summary.txt"
+fi
+if [[ $stages == *" accuracy "* ]]; then
+  log "accuracy: RTMDet-tiny, built-in set, 25 epochs at 320 (README GPU run; needs bbox_mAP >= 0.60)"
+  timeout 300 python3 -m rtmdet train --model tiny --data synthetic --epochs 25 --batch-size 32 \
+    --img-size 320 --device cuda --no-progress --save-predictions 0 --out "$OUT/acc" > "$OUT/accuracy.log" 2>&1
+  log "accuracy rc=$?"; tail -4 "$OUT/accuracy.log" | tee -a "$OUT/summary.txt"
+fi
+if [[ $stages == *" soaktrain "* ]]; then
+  log "soak train: RTMDet-s 640 B32, 300 steps, checkpoint every 50, killed at 60% and resumed"
+  timeout 300 python3 benches/soak_train.py --out "$OUT/soak" --model s --img-size 640 --batch-size 32 \
+    --steps 300 --checkpoint-iters 50 > "$OUT/soak_train.log" 2>&1
+  log "soak train rc=$?"; tail -12 "$OUT/soak_train.log" | tee -a "$OUT/summary.txt"
 fi
 # Only 8 files come back from the device: past 7, everything but the summary goes in one tarball.
 if (( $(ls -1 "$OUT" | wc -l) > 7 )); then
