@@ -187,7 +187,7 @@ def _detr_match_cost_op(pred_logits: torch.Tensor, pred_boxes: torch.Tensor,
     if B == 0 or Q == 0 or G == 0:
         return out
     t = TUNING
-    mask = gt_mask.view(torch.uint8) if gt_mask.dtype == torch.bool else gt_mask
+    mask = gt_mask.to(torch.uint8)  # a copy: inductor (torch 2.11) cannot lower a bool->uint8 view
     span = t["block_g"] * t["g_tiles"]
     grid = (triton.cdiv(Q, t["block_q"]), triton.cdiv(G, span), B)
     wrap_triton(_detr_cost_kernel)[grid](

@@ -224,7 +224,7 @@ def _hungarian_op(cost: torch.Tensor, gt_mask: torch.Tensor) -> tuple[torch.Tens
     u = torch.empty((B, RMAX), dtype=torch.float64, device=dev)
     c4r = torch.empty((B, RMAX), dtype=torch.int32, device=dev)
     path = torch.empty((B, BLOCK), dtype=torch.int32, device=dev)
-    mask = gt_mask.contiguous().view(torch.uint8)
+    mask = gt_mask.to(torch.uint8).contiguous()  # a copy: inductor (torch 2.11) cannot lower a bool->uint8 view
     warps = max(1, min(t["max_warps"], BLOCK // (32 * t["elems_per_thread"])))
     wrap_triton(_hungarian_kernel)[(B,)](
         cost, mask, out, status, u, c4r, path, Q, G,

@@ -135,6 +135,12 @@ def check_int(op, name, value, *, low):
     return number
 
 
+def is_finite_number(x):
+    """math.isfinite by comparisons only: torch.compile traces these for a symbolic float,
+    while math.isfinite of one is a graph break."""
+    return x == x and -math.inf < x < math.inf
+
+
 def check_real(op, name, value, *, low=None, positive=False):
     """A float hyper-parameter: a real number (int, float, numpy scalar, 0-d tensor), finite,
     >= low (or > 0 with positive=True) -> float. NaN and +-inf are refused."""
@@ -147,7 +153,7 @@ def check_real(op, name, value, *, low=None, positive=False):
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{op}: {name} must be a finite real number {bound}, got {value!r}")
     number = float(value)
-    if not math.isfinite(number):
+    if not is_finite_number(number):
         raise ValueError(f"{op}: {name} must be a finite real number {bound}, got {number}")
     if positive and not number > 0:
         raise ValueError(f"{op}: {name} must be > 0, got {number}")

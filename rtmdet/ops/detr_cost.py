@@ -17,14 +17,13 @@ reference runs about as fast as mmdet's per-image classes at DINO size, B=16, Q=
 G=300, and ~8x faster at DETR size, Q=100, G=20). CUDA tensors go to the Triton kernel
 (kernels/detr_cost.py).
 """
-import math
 import numbers
 
 import torch
 
 from . import _backend
 from ._checks import (check_dim, check_same_device, check_tensor, check_values, describe,
-                      value_checks_active)
+                      is_finite_number, value_checks_active)
 
 CLS_COSTS = ("softmax", "focal")
 GIOU_EPS = 1e-6  # mmdet's bbox_overlaps default
@@ -80,7 +79,7 @@ def _check_params(*, cls_weight, l1_weight, giou_weight, focal_alpha, focal_gamm
                   focal_alpha=focal_alpha, focal_gamma=focal_gamma, eps=eps)
     out = {}
     for name, v in params.items():
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not is_finite_number(v):
             raise ValueError(f"detr_match_cost: {name} must be a finite number, got {v!r}")
         out[name] = float(v)
     if not 0.0 <= out["focal_alpha"] <= 1.0:
