@@ -142,7 +142,7 @@ def _giou_fwd_kernel(pred_ptr, target_ptr, loss_ptr, grad_ptr, M, stride_pm, str
 @triton.jit
 def _giou_sum_kernel(pred_ptr, target_ptr, weight_ptr, divisor_ptr, index_ptr, partial_ptr,
                      grad_ptr, M, stride_pm, stride_pk, stride_tm, stride_tk, stride_w, N_IMG, G,
-                     eps, eps_lo, scale, HAS_WEIGHT: tl.constexpr, HAS_DIVISOR: tl.constexpr,
+                     eps, eps_lo, scale, scale_lo, HAS_WEIGHT: tl.constexpr, HAS_DIVISOR: tl.constexpr,
                      GATHER: tl.constexpr, WRITE_GRAD: tl.constexpr, F64: tl.constexpr,
                      BLOCK: tl.constexpr, STEPS: tl.constexpr):
     """partial[pid] = scale / divisor * sum of w * loss over rows [pid, pid + 1) * BLOCK * STEPS
@@ -153,7 +153,7 @@ def _giou_sum_kernel(pred_ptr, target_ptr, weight_ptr, divisor_ptr, index_ptr, p
     pid = tl.program_id(0)
     if F64:
         eps = (tl.zeros((BLOCK,), tl.float64) + eps) + eps_lo
-        factor = tl.zeros((BLOCK,), tl.float64) + scale
+        factor = (tl.zeros((BLOCK,), tl.float64) + scale) + scale_lo   # as eps: ~48 bits
     else:  # (torch.compile passes Python floats as fp64 scalars)
         eps = (tl.zeros((BLOCK,), tl.float32) + eps).to(tl.float32)
         factor = (tl.zeros((BLOCK,), tl.float32) + scale).to(tl.float32)
@@ -254,6 +254,7 @@ def _giou_sum_launch(kernel, pred, target, weight, divisor, eps, scale, compute_
     programs = cdiv(M, GIOU_SUM_BLOCK * steps)
     partial = torch.empty((programs,) if programs > 1 else (), device=dev, dtype=dtype)
     eps_hi, eps_lo = _eps_parts(eps)
+    scale_hi, scale_lo = _eps_parts(scale)
     gather = index is not None
     if gather:
         target = target.contiguous()
@@ -265,7 +266,7 @@ def _giou_sum_launch(kernel, pred, target, weight, divisor, eps, scale, compute_
         pred, target, pred if weight is None else weight, pred if divisor is None else divisor,
         index if gather else pred, partial, grad, M, pred.stride(0), pred.stride(1),
         target.stride(0) if not gather else 0, target.stride(-1),
-        0 if weight is None else weight.stride(0), n_img, G, eps_hi, eps_lo, float(scale),
+        0 if weight is None else weight.stride(0), n_img, G, eps_hi, eps_lo, scale_hi, scale_lo,
         HAS_WEIGHT=weight is not None, HAS_DIVISOR=divisor is not None, GATHER=gather,
         WRITE_GRAD=compute_grad, F64=dtype == torch.float64 or pred.dtype == torch.float64,
         BLOCK=GIOU_SUM_BLOCK, STEPS=steps, num_warps=GIOU_SUM_NUM_WARPS)

@@ -51,6 +51,7 @@ def synthetic_root(cfg):
 def augment_config(cfg):
     aug = D.AugmentConfig.for_model(cfg.model)
     aug.mosaic_prob, aug.mixup_prob = cfg.mosaic_prob, cfg.mixup_prob
+    aug.backend = cfg.augment_backend
     if cfg.ratio_range:
         aug.ratio_range = tuple(cfg.ratio_range)
     if cfg.stage2_ratio_range:
