@@ -28,6 +28,8 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 from triton.language.extra import libdevice
 
+from .fastmath import exp_rn as _exp, log_rn as _log
+
 # Tunables: queries per program, gts per tile, gt tiles per program (more tiles: fewer
 # programs, softmax row statistics computed fewer times), class chunk of the row pass, warps.
 TUNING = dict(block_q=32, block_g=64, g_tiles=4, block_k=128, num_warps=4)
@@ -36,24 +38,6 @@ TUNING = dict(block_q=32, block_g=64, g_tiles=4, block_k=128, num_warps=4)
 def _precise():
     """libdevice on the GPU; the interpreter (TRITON_INTERPRET=1) uses numpy's functions."""
     return os.environ.get("TRITON_INTERPRET", "0") != "1"
-
-
-@triton.jit
-def _exp(x, RN: tl.constexpr):
-    if RN:
-        r = libdevice.exp(x)
-    else:
-        r = tl.exp(x)
-    return r
-
-
-@triton.jit
-def _log(x, RN: tl.constexpr):
-    if RN:
-        r = libdevice.log(x)
-    else:
-        r = tl.log(x)
-    return r
 
 
 @triton.jit

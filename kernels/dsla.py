@@ -42,7 +42,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 from triton.language.extra import libdevice
 
-from .fastmath import softplus_sigmoid
+from .fastmath import exp_rn as _exp, log_rn as _log, softplus_sigmoid
 from .qfl import cdiv, column_block, eager_launch_ok
 
 # Tunables: block_n priors per tile: one program of the prior and finish passes (num_warps_prior
@@ -79,24 +79,6 @@ def _mul(a, b, RN: tl.constexpr):
         r = libdevice.mul_rn(a, b)
     else:
         r = a * b
-    return r
-
-
-@triton.jit
-def _exp(x, RN: tl.constexpr):
-    if RN:
-        r = libdevice.exp(x)
-    else:
-        r = tl.exp(x)
-    return r
-
-
-@triton.jit
-def _log(x, RN: tl.constexpr):
-    if RN:
-        r = libdevice.log(x)
-    else:
-        r = tl.log(x)
     return r
 
 

@@ -14,6 +14,7 @@ import os
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -69,3 +70,23 @@ def softplus_sigmoid(x, FAST: tl.constexpr):
     series = e * (1.0 - e * (0.5 - e * (0.33333334 - e * (0.25 - e * (0.2 - e * (0.16666667 - e * 0.14285715))))))
     log1p_e = tl.where(e < 0.125, series, log2_fast(w, FAST) * 0.6931471805599453)
     return s, one_minus_s, tl.maximum(x, 0.0) + log1p_e
+
+
+@triton.jit
+def exp_rn(x, RN: tl.constexpr):
+    """exp, correctly rounded as PyTorch's (libdevice) with RN; tl.exp otherwise (interpreter)."""
+    if RN:
+        r = libdevice.exp(x)
+    else:
+        r = tl.exp(x)
+    return r
+
+
+@triton.jit
+def log_rn(x, RN: tl.constexpr):
+    """log, correctly rounded as PyTorch's (libdevice) with RN; tl.log otherwise (interpreter)."""
+    if RN:
+        r = libdevice.log(x)
+    else:
+        r = tl.log(x)
+    return r
