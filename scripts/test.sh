@@ -7,7 +7,7 @@ python -m pip install -q --no-build-isolation -e ".[test,train,triton]"
 # The outside frameworks the integration tests run against, pinned. --no-deps: their own
 # pins would pull another torch, a GUI OpenCV or mmcv's compiled build; their pure-Python
 # needs are listed on the first line instead.
-python -m pip install -q addict yapf termcolor rich shapely terminaltables prettytable pyyaml \
+python -m pip install -q addict yapf termcolor rich shapely six terminaltables prettytable pyyaml \
     opencv-python-headless psutil polars requests ultralytics-thop
 python -m pip install -q --no-deps mmengine==0.10.7 mmcv-lite==2.0.1 mmdet==3.3.0 mmyolo==0.6.0 \
     ultralytics==8.4.190 torchvision==0.28.0
