@@ -189,10 +189,10 @@ def giou_loss_triton_fwd(pred: torch.Tensor, target: torch.Tensor, eps: float,
     grad = torch.empty((M if compute_grad else 0, 4), device=pred.device, dtype=pred.dtype)
     if M > 0:
         f64 = pred.dtype == torch.float64 or target.dtype == torch.float64
-        eps_hi = struct.unpack("f", struct.pack("f", eps))[0]  # eps rounded to fp32
+        eps_hi, eps_lo = _eps_parts(eps)
         wrap_triton(_giou_fwd_kernel)[(cdiv(M, GIOU_BLOCK),)](
             pred, target, loss, grad, M, pred.stride(0),
-            pred.stride(1), target.stride(0), target.stride(1), eps_hi, float(eps) - eps_hi,
+            pred.stride(1), target.stride(0), target.stride(1), eps_hi, eps_lo,
             WRITE_GRAD=compute_grad, F64=f64, BLOCK=GIOU_BLOCK, num_warps=GIOU_NUM_WARPS)
     return loss, grad
 

@@ -315,9 +315,24 @@ def normalize_images(images: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
                else type(images).__name__)
         raise ValueError(f"normalize_images: images must be (B, 3, H, W) RGB, got {got}")
     x = images.flip(1).to(dtype)
-    mean = torch.tensor(BGR_MEAN, dtype=dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(BGR_STD, dtype=dtype, device=x.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(dtype, x.device)
     return (x - mean) / std
+
+
+_MEAN_STD = {}
+
+
+def _mean_std(dtype, device):
+    """(1, 3, 1, 1) BGR mean and std, kept per (dtype, device): building them per call is a
+    pageable host-to-device copy, which can make the host wait every training step."""
+    if torch.compiler.is_compiling():   # traced: constants, no cache
+        return tuple(torch.tensor(v, dtype=dtype, device=device).view(1, 3, 1, 1)
+                     for v in (BGR_MEAN, BGR_STD))
+    key = (dtype, device)
+    if key not in _MEAN_STD:
+        _MEAN_STD[key] = tuple(torch.tensor(v, dtype=dtype).view(1, 3, 1, 1).to(device)
+                               for v in (BGR_MEAN, BGR_STD))
+    return _MEAN_STD[key]
 
 
 # ----------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from torch import nn
 
 from .. import data as D
 from .. import ops
-from ..model import BGR_MEAN, BGR_STD, RTMDet
+from ..model import RTMDet, normalize_images
 from . import checkpoints as C
 from .config import TrainConfig, config_to_dict
 from .distributed import all_reduce_mean, any_process, broadcast_module, gather_objects, setup_distributed
@@ -253,7 +253,7 @@ class Trainer:
         images = batch["images"].to(dev, non_blocking=True)
         if self.channels_last:     # convert the uint8 batch (4x smaller than the float one)
             images = images.contiguous(memory_format=torch.channels_last)
-        images = self.normalize(images)
+        images = normalize_images(images)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         boxes = batch["boxes"].to(dev, non_blocking=True)
@@ -277,15 +277,6 @@ class Trainer:
         if cfg.accumulate > 1:
             values = values / cfg.accumulate
         self.window += values
-
-    def normalize(self, images):
-        """model.normalize_images with the mean/std kept on the device: building them per call
-        is a pageable host-to-device copy, which can make the host wait every step."""
-        if getattr(self, "_mean_std", None) is None:
-            self._mean_std = tuple(torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(self.device)
-                                   for v in (BGR_MEAN, BGR_STD))
-        mean, std = self._mean_std
-        return (images.flip(1).to(torch.float32) - mean) / std
 
     def optimizer_step(self):
         cfg = self.cfg
