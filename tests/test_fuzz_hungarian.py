@@ -69,13 +69,13 @@ def check(cost, mask, backend):
 
 
 @pytest.mark.skipif(not HAS_CPP, reason="rtmdet._C without hungarian_match")
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
 def test_fuzz_cpp(problem):
     check(*problem, "cpp")
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems(max_side=6))
 def test_fuzz_triton_interpreter(problem):
     out = check(*problem, "triton")
