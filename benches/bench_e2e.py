@@ -71,7 +71,7 @@ def step_only(args, cfg):
                           ("cuda" if torch.cuda.is_available() else "cpu"))
     amp, cl = resolve_amp(cfg.amp, device), resolve_channels_last(cfg.channels_last, device)
     splits = load_data(cfg)
-    train_set = D.TrainDataset(splits.train, cfg.img_size, augment_config(cfg), seed=0)
+    train_set = D.TrainDataset(splits.train, cfg.img_size, augment_config(cfg, device), seed=0)
     loader = train_loader(train_set, cfg, DistInfo(), device)
     batch = next(iter(loader.epoch(0, True)))
     loader.close()

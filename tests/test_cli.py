@@ -125,6 +125,7 @@ def test_info_and_bench(capsys):
     (["--log-interval", "0"], "--log-interval"),
     (["--eval-interval", "x"], "--eval-interval"),
     (["--amp", "fp8"], "--amp"),
+    (["--augment-backend", "kornia"], "--augment-backend"),
 ])
 def test_bad_train_arguments_exit_2_naming_the_flag(argv, flag, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:

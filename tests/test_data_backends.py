@@ -98,3 +98,37 @@ def test_backend_choice():
     assert D.resolve_backend("auto") == "cv2"
     with pytest.raises(ValueError, match="backend"):
         D.resolve_backend("torch")
+
+
+def test_training_default_is_cv2_on_cuda_and_pil_on_the_cpu():
+    """`--augment-backend auto` (the default): OpenCV's fast resampling keeps a GPU fed; the
+    CPU keeps the pil numerics, so CPU runs stay bitwise what they were."""
+    import torch
+    from rtmdet.training.config import TrainConfig
+    from rtmdet.training.inputs import augment_config, resolve_augment_backend
+    assert TrainConfig().augment_backend == "auto"
+    assert resolve_augment_backend("auto", torch.device("cuda", 0)) == "cv2"
+    assert resolve_augment_backend("auto", "cpu") == "pil"
+    assert resolve_augment_backend("auto") == "pil"
+    assert resolve_augment_backend("pil", "cuda") == "pil"
+    assert resolve_augment_backend("cv2", "cpu") == "cv2"
+    assert augment_config(TrainConfig(), torch.device("cuda")).backend == "cv2"
+    assert augment_config(TrainConfig(), torch.device("cpu")).backend == "pil"
+    with pytest.raises(ValueError, match="backend"):
+        resolve_augment_backend("kornia", "cuda")
+
+
+def test_training_default_without_opencv_is_pil(monkeypatch):
+    from rtmdet.training.inputs import resolve_augment_backend
+    monkeypatch.setattr(D.transforms, "cv2", None)
+    assert resolve_augment_backend("auto", "cuda") == "pil"
+    with pytest.raises(ImportError, match="OpenCV"):
+        resolve_augment_backend("cv2", "cuda")
+
+
+def test_training_config_checks_the_augment_backend():
+    from rtmdet.training.config import TrainConfig
+    from rtmdet.training.validate import ConfigError, validate_config
+    with pytest.raises(ConfigError, match="--augment-backend: expected one of auto, pil, cv2"):
+        validate_config(TrainConfig(augment_backend="PIL"))
+    validate_config(TrainConfig(augment_backend="cv2"))

@@ -32,9 +32,9 @@ class AugmentConfig:
     stage2_ratio_range: tuple = (0.5, 2.0)   # stage-2 random resize
     hsv: bool = True
     flip_prob: float = 0.5
-    # resampling + HSV: "pil" (the reference numerics), "cv2" (OpenCV's, as upstream; about 6x
-    # faster a worker, but it trained worse on the built-in set in our check: see the README),
-    # "auto" (cv2 if installed)
+    # resampling + HSV: "pil" (the reference numerics), "cv2" (OpenCV's, as upstream; about 8x
+    # faster a worker, trains as well: benches/RESULTS.md), "auto" (cv2 if installed). The
+    # trainer picks per device (training/inputs.py `resolve_augment_backend`).
     backend: str = "pil"
 
     @classmethod

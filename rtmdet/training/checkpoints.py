@@ -4,7 +4,8 @@ A checkpoint holds only tensors, numbers, strings, None, lists and dicts (the RN
 tensors, the config as a plain dict), so it loads with `torch.load(weights_only=True)` and
 a file from someone else cannot run code. Files are written to a temporary name, fsynced
 and renamed; the previous `last.pth` becomes `prev.pth`, which `--resume auto` falls back
-to when `last.pth` is corrupt.
+to when `last.pth` is corrupt. The training loop writes them in a background thread from
+host buffers reused across checkpoints (`CheckpointWriter`).
 """
 import os
 import pickle
@@ -52,18 +53,6 @@ def set_rng_state(state):
 
 # ---------------------------------------------------------------------------- save / load
 
-def to_cpu(obj):
-    """A deep copy of a state (nested dicts/lists) with every tensor copied to the CPU, so a
-    background writer sees this moment's values while training goes on."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
-
-
 def save_checkpoint(path, state, keep_previous=True):
     """Write `state` to `path` atomically (temporary file, fsync, rename); the file it replaces
     becomes `prev.pth` beside it when keep_previous."""
@@ -97,34 +86,6 @@ def _fsync_dir(folder):
         pass
     finally:
         os.close(fd)
-
-
-class CheckpointWriter:
-    """Saves in a background thread (the state is first copied to the CPU), so the training
-    loop does not wait for the disk; `wait()` before reading the file or exiting."""
-
-    def __init__(self):
-        self._thread, self._error = None, None
-
-    def save(self, path, state):
-        snapshot = to_cpu(state)
-        self.wait()
-        self._thread = threading.Thread(target=self._write, args=(path, snapshot), daemon=False)
-        self._thread.start()
-
-    def _write(self, path, snapshot):
-        try:
-            save_checkpoint(path, snapshot)
-        except BaseException as e:   # reported by wait() in the training thread
-            self._error = e
-
-    def wait(self):
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            e, self._error = self._error, None
-            raise RuntimeError(f"writing a checkpoint failed: {e}") from e
 
 
 def load_checkpoint(path):
@@ -190,3 +151,87 @@ def model_from_checkpoint(path, device="cpu", use_ema=True):
     model = RTMDet.from_name(cfg.model, num_classes=len(ck["classes"]))
     model.load_state_dict(ck["ema"]["module"] if use_ema and ck.get("ema") else ck["model"])
     return model.to(device).eval(), cfg, list(ck["classes"]), list(ck["label_to_cat"])
+
+
+# ------------------------------------------------------------- background writes
+
+def _map_tensors(obj, fn):
+    """`obj` (nested dicts, lists, tuples) rebuilt with fn(t) in place of each tensor t, in
+    traversal order; other leaves are kept as they are."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    return obj
+
+
+class HostSnapshot:
+    """Host copies of a state's tensors in buffers allocated once and refilled by each `fill`
+    (reallocated when the tensors' shapes, strides or dtypes change).
+
+    A per-tensor `.to("cpu")` of a GPU state is hundreds of blocking copies into pageable
+    memory; here copies from a GPU go to pinned buffers without blocking, and `synchronize()`
+    waits for all of them at once (one CUDA event per device). CPU tensors are copied
+    synchronously, bit for bit."""
+
+    def __init__(self):
+        self.key, self.buffers, self._events = None, [], []
+
+    def fill(self, state):
+        """A copy of `state` whose tensors are the buffers, holding this moment's values once
+        `synchronize()` returns. Overwrites the previous fill's values: call it only when
+        nothing reads them any more."""
+        tensors = []
+        _map_tensors(state, tensors.append)
+        key = [(t.shape, t.stride(), t.dtype, t.is_cuda) for t in tensors]
+        if key != self.key:
+            self.key, self.buffers = key, [
+                torch.empty_like(t, device="cpu", pin_memory=t.is_cuda) for t in tensors]
+        for buf, t in zip(self.buffers, tensors):
+            buf.copy_(t.detach(), non_blocking=t.is_cuda)
+        self._events = []
+        for device in {t.device for t in tensors if t.is_cuda}:
+            event = torch.cuda.Event()     # after the copies queued on the device's current stream
+            event.record(torch.cuda.current_stream(device))
+            self._events.append(event)
+        buffers = iter(self.buffers)
+        return _map_tensors(state, lambda t: next(buffers))
+
+    def synchronize(self):
+        """Wait until the last `fill`'s copies have arrived."""
+        for event in self._events:
+            event.synchronize()
+
+
+class CheckpointWriter:
+    """Saves in a background thread from a host snapshot of the state, so the training loop
+    waits neither for the disk nor for each tensor's copy; `wait()` before reading the file
+    or exiting."""
+
+    def __init__(self):
+        self._thread, self._error = None, None
+        self.host = HostSnapshot()
+
+    def save(self, path, state):
+        self.wait()       # the previous write reads the host buffers until it ends
+        snapshot = self.host.fill(state)
+        self._thread = threading.Thread(target=self._write, args=(path, snapshot), daemon=False)
+        self._thread.start()
+
+    def _write(self, path, snapshot):
+        try:
+            self.host.synchronize()
+            save_checkpoint(path, snapshot)
+        except BaseException as e:   # reported by wait() in the training thread
+            self._error = e
+
+    def wait(self):
+        """Wait for the write in progress; raise RuntimeError if a write failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise RuntimeError(f"writing a checkpoint failed: {e}") from e

@@ -55,7 +55,7 @@ class TrainConfig:
     mixup_prob: float = 0.5
     ratio_range: Optional[tuple] = None   # stage-1 random resize ratios; None: per model size
     stage2_ratio_range: Optional[tuple] = None
-    augment_backend: str = "pil"          # data augmentation: "pil" or "cv2" (data.AugmentConfig)
+    augment_backend: str = "auto"         # auto (cv2 on CUDA with OpenCV, else pil) | pil | cv2
     backend: str = "auto"                 # op backend for the loss
     progress: bool = True
 

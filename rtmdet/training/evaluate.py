@@ -7,7 +7,7 @@ import torch
 from .. import data as D
 from ..evaluation import coco_evaluate, detections_to_coco
 from .distributed import DistInfo, gather_objects
-from .inputs import resolve_workers
+from .inputs import resolve_augment_backend, resolve_workers
 from .interrupt import test_hook
 from .precision import autocast
 
@@ -21,7 +21,7 @@ def evaluate(model, val, ann_file, cfg, device, dinfo=DistInfo(), out_dir=None, 
     (raises the interrupt it returns)."""
     from ..model import normalize_images
     model.eval()
-    ds = D.EvalDataset(val, cfg.img_size, backend=cfg.augment_backend)
+    ds = D.EvalDataset(val, cfg.img_size, backend=resolve_augment_backend(cfg.augment_backend, device))
     dets = []
     workers = resolve_workers(cfg.workers, device, dinfo.world)
     for batch in _eval_batches(ds, cfg.batch_size, dinfo, workers, device.type == "cuda"):
@@ -58,7 +58,7 @@ def save_val_predictions(model, val, cfg, device, out_dir, classes, score_thr=0.
     from ..model import normalize_images
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ds = D.EvalDataset(val, cfg.img_size, backend=cfg.augment_backend)
+    ds = D.EvalDataset(val, cfg.img_size, backend=resolve_augment_backend(cfg.augment_backend, device))
     model.eval()
     for i in range(min(cfg.save_predictions, len(ds))):
         test_hook("predictions")

@@ -3,6 +3,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from .. import data as D
@@ -48,15 +49,27 @@ def synthetic_root(cfg):
     return D.synthetic_root(cfg.synthetic)
 
 
-def augment_config(cfg):
+def augment_config(cfg, device=None):
+    """The run's `AugmentConfig`: the model size's defaults, cfg's probabilities and ratios,
+    and the augmentation backend for `device` (`resolve_augment_backend`)."""
     aug = D.AugmentConfig.for_model(cfg.model)
     aug.mosaic_prob, aug.mixup_prob = cfg.mosaic_prob, cfg.mixup_prob
-    aug.backend = cfg.augment_backend
+    aug.backend = resolve_augment_backend(cfg.augment_backend, device)
     if cfg.ratio_range:
         aug.ratio_range = tuple(cfg.ratio_range)
     if cfg.stage2_ratio_range:
         aug.stage2_ratio_range = tuple(cfg.stage2_ratio_range)
     return aug
+
+
+def resolve_augment_backend(backend, device=None):
+    """"auto": "cv2" for a CUDA run where OpenCV imports (upstream's resampling, ~8x faster a
+    worker: what keeps a GPU fed), else "pil" (the CPU keeps its bitwise-reproducible numerics).
+    Both trained equally well on the built-in set (benches/RESULTS.md, 2026-12-06)."""
+    if backend != "auto":
+        return D.resolve_backend(backend)
+    cuda = device is not None and torch.device(device).type == "cuda"
+    return "cv2" if cuda and D.transforms.cv2 is not None else "pil"
 
 
 def resolve_workers(workers, device, local_world=1):

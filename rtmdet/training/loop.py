@@ -32,7 +32,7 @@ from .config import TrainConfig, config_to_dict
 from .distributed import all_reduce_mean, any_process, broadcast_module, gather_objects, setup_distributed
 from .ema import ModelEMA, unwrap
 from .evaluate import evaluate, save_val_predictions
-from .inputs import augment_config, load_data, resolve_workers, train_loader
+from .inputs import augment_config, load_data, resolve_augment_backend, resolve_workers, train_loader
 from .interrupt import StopFlag, TrainingInterrupted, test_hook
 from .logs import JsonlLog, plot_curves, progress_bar
 from .optim import build_adamw
@@ -100,12 +100,14 @@ class Trainer:
             torch.backends.cudnn.benchmark = True    # fixed input size: pick the fastest convs once
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", dinfo.world))
         self.user_cfg = cfg      # saved in checkpoints as given (workers None stays "auto")
-        self.cfg = cfg = replace(cfg, workers=resolve_workers(cfg.workers, device, local_world))
+        self.cfg = cfg = replace(cfg, workers=resolve_workers(cfg.workers, device, local_world),
+                                 augment_backend=resolve_augment_backend(cfg.augment_backend, device))
         self.eval_cfg = replace(cfg, amp=self.amp)
 
         self.splits = load_data(cfg, dinfo.main)
         self.classes, self.label_to_cat = self.splits.train.classes, self.splits.train.label_to_cat
-        self.train_set = D.TrainDataset(self.splits.train, cfg.img_size, augment_config(cfg), seed=cfg.seed)
+        self.train_set = D.TrainDataset(self.splits.train, cfg.img_size, augment_config(cfg, device),
+                                        seed=cfg.seed)
 
         if cfg.sync_bn and dinfo.world > 1 and device.type != "cuda":
             raise ConfigError("--sync-bn: PyTorch's SyncBatchNorm needs CUDA devices (this run is on "
@@ -439,7 +441,11 @@ class Trainer:
         done = tasks["done"] if tasks.get("step") == self.step else []
         if tasks.get("metrics") is not None and tasks.get("step") == self.step:
             self.metrics = tasks["metrics"]
-        self.writer.wait()
+        # Evaluation and drawing read the in-memory EMA model, not last.pth: they (and, with no
+        # task due, the next epoch) run while this boundary's checkpoint is written. Only
+        # recording a task as done waits for the write: were tasks.json to mark step S done
+        # while last.pth is older, a crash then a resume would start from the older checkpoint,
+        # truncate the log to it and skip the task at S, its log record lost.
         for task in due:
             if task in done:
                 continue
@@ -450,6 +456,7 @@ class Trainer:
                                      self.out / "predictions", self.classes,
                                      should_stop=lambda: self.check_stop("drawing predictions"))
             done.append(task)
+            self.writer.wait()
             self.write_tasks({"step": self.step, "epoch": epoch, "done": done, "metrics": self.metrics,
                               "log_bytes": self.log.size()})
         if self.dinfo.main and (last or "eval" in due):

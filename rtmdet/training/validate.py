@@ -5,6 +5,7 @@ from .precision import AMP_CHOICES
 
 SIZES = ("tiny", "s", "m", "l", "x")
 BACKENDS = ("auto", "torch", "triton", "cpp", "cuda")
+AUGMENT_BACKENDS = ("auto", "pil", "cv2")
 
 
 class ConfigError(ValueError):
@@ -56,6 +57,8 @@ def validate_config(cfg: TrainConfig):
     _check(c.amp in AMP_CHOICES, "amp", f"one of {', '.join(AMP_CHOICES)}", c.amp)
     _check(c.adamw in ADAMW_IMPLS, "adamw", f"one of {', '.join(ADAMW_IMPLS)}", c.adamw)
     _check(c.backend in BACKENDS, "backend", f"one of {', '.join(BACKENDS)}", c.backend)
+    _check(c.augment_backend in AUGMENT_BACKENDS, "augment_backend",
+           f"one of {', '.join(AUGMENT_BACKENDS)}", c.augment_backend)
     _check(c.resume is None or c.resume == "auto" or isinstance(c.resume, str), "resume",
            "a checkpoint path or 'auto'", c.resume)
     from .distributed import resolve_device
