@@ -18,12 +18,15 @@ TORCH_LIBRARY(rtmdet, m) {
         "-> (Tensor, Tensor)");
   m.def("nms(Tensor boxes, Tensor scores, float iou_threshold) -> Tensor");
   m.def("hungarian_match(Tensor cost, Tensor gt_mask) -> (Tensor, Tensor)");
+  m.def("detr_match_cost(Tensor pred_logits, Tensor pred_boxes, Tensor gt_boxes, Tensor gt_labels, "
+        "Tensor image_sizes, Tensor? gt_mask, str cls_cost, float cls_weight, float l1_weight, "
+        "float giou_weight, float focal_alpha, float focal_gamma, float eps) -> Tensor");
 }
 
 namespace {
 
 const char* kOps[] = {"box_iou", "dsl_assign", "quality_focal_loss", "giou_loss", "nms",
-                      "hungarian_match"};
+                      "hungarian_match", "detr_match_cost"};
 
 PyObject* registered_ops(PyObject*, PyObject*) {
   const Py_ssize_t n = sizeof(kOps) / sizeof(kOps[0]);

@@ -14,6 +14,14 @@ p = sigmoid(x) is within a few ulps of 1 (x in ~[9, 17]): one ulp of p moves the
 2-ulp change of the reference's fp32 p does to mmdet's formula (`_focal_slack`), plus 1e-5;
 saturated logits (|x| >= 20, where p rounds to exactly 0 or 1 everywhere) get no slack.
 fp16/bf16 inputs are upcast exactly and computed in fp32, so they share the fp32 tolerances.
+The C++ kernel (auto's CPU path) does the reference's float32 operations in its order; only
+libm's expf/logf (correctly rounded nearly always) and PyTorch's vectorised Sleef ones (<= 1 ulp)
+round differently, and the softmax sum runs in another order (in double, rounded once). Measured
+over ~500k costs: 98-99.9% bitwise equal, the rest within 2e-7 * (1 + |ref|), except where the
+two round 1 + exp(-x) one ulp apart (p two of its ulps apart) inside the ill-conditioned focal
+range; PyTorch itself does that between its vectorised body and its scalar tail (std::exp). So
+it is held to 1e-6 * (1 + |ref|) (~8 ulps at |cost| ~ 1) plus the kernel's 2-ulp focal slack;
+against mmdet to that plus the reference's own 1e-6.
 """
 import math
 
@@ -21,7 +29,8 @@ import pytest
 import torch
 
 from rtmdet import ops
-from rtmdet.ops.detr_cost import detr_match_cost_ref
+from rtmdet.ops import _backend
+from rtmdet.ops.detr_cost import detr_match_cost_cpp, detr_match_cost_ref
 
 try:
     from rtmdet.kernels import detr_cost as kernel
@@ -29,6 +38,10 @@ except ImportError:  # no triton here: the kernel tests are skipped
     kernel = None
 
 needs_triton = pytest.mark.skipif(kernel is None, reason="triton is not importable")
+HAS_CPP = "detr_match_cost" in _backend.native_ops()
+needs_cpp = pytest.mark.skipif(not HAS_CPP, reason="rtmdet._C without detr_match_cost (rebuild)")
+CPU_BACKENDS = ["torch", pytest.param("cpp", marks=needs_cpp)]
+CPP_RTOL = 1e-6  # see the module docstring
 # The kernel tests run under the interpreter on the CPU and on the GPU where there is one
 # (conftest.py sets TRITON_INTERPRET only without CUDA); references always run on the CPU.
 KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -63,6 +76,11 @@ def make_boxes(g, shape, h, w, kind="random"):
         bh = torch.where(z == 2, torch.zeros_like(bh), bh)
     if kind == "border":
         x1 = x1 - 0.5 * w * u[..., 2]
+    if kind == "huge":  # far outside the image: coordinates ~1e10, areas ~1e19 (finite in fp32)
+        x1, y1, bw, bh = x1 * 1e7, y1 * -1e7, bw * 1e6, bh * 1e7
+    if kind == "point":  # every box the same point: union and enclose at the 1e-6 clamp
+        x1, y1 = torch.full_like(x1, 7.0), torch.full_like(y1, 3.0)
+        bw, bh = torch.zeros_like(bw), torch.zeros_like(bh)
     x2 = x1 + bw
     return torch.stack([x1, y1, x2, y1 + bh], dim=-1)
 
@@ -137,52 +155,65 @@ def mmdet_cost(mmdet_costs, case, cls_cost, cls_weight, l1_weight, giou_weight,
     return out
 
 
+def assert_mmdet_close(ours, ref, case, weights, backend):
+    """The reference: 1e-6 (it rounds as mmdet does); C++: that plus its own CPP_RTOL and the
+    2-ulp focal slack (module docstring). Real columns only (mmdet has no padding)."""
+    mask = case["gt_mask"]
+    if backend == "torch":
+        torch.testing.assert_close(real_columns(ours, mask), real_columns(ref, mask),
+                                   rtol=1e-6, atol=1e-6)
+        return
+    assert_costs_close(ours, ref, case, weights, rtol=1e-6 + CPP_RTOL, ulps=2, context="mmdet")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("weights", [DETR, DINO, dict(cls_cost="focal", cls_weight=1.5,
                                                       l1_weight=0.5, giou_weight=3.0)])
 @pytest.mark.parametrize("shape", [(2, 30, 7, 92), (3, 1, 5, 81), (1, 50, 1, 2), (2, 17, 40, 80)])
-def test_reference_matches_mmdet(mmdet_costs, shape, weights):
+def test_reference_matches_mmdet(mmdet_costs, shape, weights, backend):
     B, Q, G, K = shape
     for seed, pad in ((0, 0.0), (1, 0.4)):
         case = make_case(seed, B, Q, G, K, pad=pad)
-        ours = ops.detr_match_cost(*args_of(case), **weights)
+        ours = ops.detr_match_cost(*args_of(case), backend=backend, **weights)
         ref = mmdet_cost(mmdet_costs, case, **weights)
-        mask = case["gt_mask"]
         assert ours.shape == (B, Q, G) and ours.dtype == torch.float32
         assert torch.isfinite(ours).all()  # padded columns included
-        torch.testing.assert_close(real_columns(ours, mask), real_columns(ref, mask),
-                                   rtol=1e-6, atol=1e-6)
+        assert_mmdet_close(ours, ref, case, weights, backend)
 
 
-@pytest.mark.parametrize("kind", ["degenerate", "border", "duplicate"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["degenerate", "border", "duplicate", "huge", "point"])
 @pytest.mark.parametrize("cls_cost", ["softmax", "focal"])
-def test_reference_matches_mmdet_special_boxes(mmdet_costs, kind, cls_cost):
+def test_reference_matches_mmdet_special_boxes(mmdet_costs, kind, cls_cost, backend):
     case = make_case(2, 2, 24, 9, 12, kind=kind)
     weights = DETR if cls_cost == "softmax" else DINO
-    ours = ops.detr_match_cost(*args_of(case), **weights)
+    ours = ops.detr_match_cost(*args_of(case), backend=backend, **weights)
     ref = mmdet_cost(mmdet_costs, case, **weights)
     assert torch.isfinite(ours).all()
-    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    assert_mmdet_close(ours, ref, case, weights, backend)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("params", [dict(focal_alpha=0.0, focal_gamma=0.0),
                                     dict(focal_alpha=1.0, focal_gamma=1.5, eps=1e-6),
                                     dict(focal_alpha=0.5, focal_gamma=3.0, eps=1e-8)])
-def test_reference_matches_mmdet_focal_parameters(mmdet_costs, params):
+def test_reference_matches_mmdet_focal_parameters(mmdet_costs, params, backend):
     case = make_case(3, 2, 20, 6, 10, logit_scale=8.0)  # saturated sigmoids included
     weights = dict(DINO, **params)
-    ours = ops.detr_match_cost(*args_of(case), **weights)
+    ours = ops.detr_match_cost(*args_of(case), backend=backend, **weights)
     ref = mmdet_cost(mmdet_costs, case, **weights)
-    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+    assert_mmdet_close(ours, ref, case, weights, backend)
 
 
-def test_hand_computed_values():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_hand_computed_values(backend):
     # one 100 x 200 (h x w) image; query box = gt 0, gt 1 shifted right by its width.
     logits = torch.tensor([[0.0, math.log(3.0)]])             # softmax (0.25, 0.75)
     pred = torch.tensor([[10.0, 20.0, 50.0, 60.0]])
     gt = torch.tensor([[10.0, 20.0, 50.0, 60.0], [50.0, 20.0, 90.0, 60.0]])
     labels = torch.tensor([1, 0])
     size = torch.tensor([100, 200])
-    cost = ops.detr_match_cost(logits, pred, gt, labels, size, **DETR)
+    cost = ops.detr_match_cost(logits, pred, gt, labels, size, backend=backend, **DETR)
     # gt 0: -0.75 + 5 * 0 - 2 * 1. gt 1: touching boxes, IoU 0, enclose 80 x 40 = union:
     # GIoU 0; L1 = |dcx| / w = 40 / 200 -> -0.25 + 5 * 0.2 - 0.
     torch.testing.assert_close(cost, torch.tensor([[-2.75, 0.75]]), rtol=0, atol=1e-6)
@@ -193,14 +224,15 @@ def test_hand_computed_values():
     pred = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
     gt = torch.tensor([[0.0, 11.0, 10.0, 21.0]])
     cost = ops.detr_match_cost(logits, pred, gt, torch.tensor([0]), torch.tensor([100, 100]),
-                               cls_cost="focal", cls_weight=1.0, l1_weight=1.0, giou_weight=1.0)
+                               cls_cost="focal", cls_weight=1.0, l1_weight=1.0, giou_weight=1.0,
+                               backend=backend)
     cls = math.log(2.0) * (0.25 - 0.75) / 4
     l1 = 11.0 / 100
     giou = 0.0 - (10 * 21 - 200) / (10 * 21)
     torch.testing.assert_close(cost, torch.tensor([[cls + l1 - giou]]), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["random", "degenerate", "border"])
+@pytest.mark.parametrize("kind", ["random", "degenerate", "border", "huge", "point"])
 def test_pairwise_giou_equals_box_iou(kind):
     from rtmdet.ops.detr_cost import pairwise_giou
     case = make_case(19, 3, 11, 8, 2, kind=kind)
@@ -209,28 +241,34 @@ def test_pairwise_giou_equals_box_iou(kind):
                                rtol=0, atol=0)
 
 
-def test_unbatched_and_sequence_sizes():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_unbatched_and_sequence_sizes(backend):
     case = make_case(4, 1, 12, 5, 9)
-    batched = ops.detr_match_cost(*args_of(case), **DINO)
+    batched = ops.detr_match_cost(*args_of(case), backend=backend, **DINO)
     one = [t[0] for t in args_of(case)]
-    torch.testing.assert_close(ops.detr_match_cost(*one, **DINO), batched[0], rtol=0, atol=0)
+    torch.testing.assert_close(ops.detr_match_cost(*one, backend=backend, **DINO), batched[0],
+                               rtol=0, atol=0)
     seq = args_of(case)[:4] + ([[int(v) for v in case["image_sizes"][0]]],)
-    torch.testing.assert_close(ops.detr_match_cost(*seq, **DINO), batched, rtol=0, atol=0)
+    torch.testing.assert_close(ops.detr_match_cost(*seq, backend=backend, **DINO), batched,
+                               rtol=0, atol=0)
 
 
-def test_padded_columns_do_not_change_real_ones():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("weights", [DETR, DINO])
+def test_padded_columns_do_not_change_real_ones(backend, weights):
     # the same real gts with and without padding slots (NaN boxes, -1 labels) between them
     case = make_case(5, 2, 15, 12, 7, pad=0.5)
-    full = ops.detr_match_cost(*args_of(case), **DETR)
+    full = ops.detr_match_cost(*args_of(case), backend=backend, **weights)
     for b in range(2):
         real = case["gt_mask"][b]
         alone = ops.detr_match_cost(case["pred_logits"][b], case["pred_boxes"][b],
                                     case["gt_boxes"][b][real], case["gt_labels"][b][real],
-                                    case["image_sizes"][b], **DETR)
+                                    case["image_sizes"][b], backend=backend, **weights)
         torch.testing.assert_close(full[b][:, real], alone, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpp", marks=needs_cpp),
+                                     pytest.param("triton", marks=needs_triton)])
 def test_empty_inputs(backend):
     for B, Q, G, K in ((2, 5, 0, 4), (2, 0, 3, 4), (0, 5, 3, 4), (2, 5, 0, 0)):
         case = make_case(6, B, Q, G, K)
@@ -240,14 +278,21 @@ def test_empty_inputs(backend):
         assert out.shape == (B, Q, G) and out.dtype == torch.float32
 
 
-def test_no_gradient_and_auto_on_cpu_is_reference(recwarn):
+def test_no_gradient_and_auto_on_cpu(recwarn, monkeypatch):
     case = make_case(7, 2, 6, 4, 5)
     logits = case["pred_logits"].requires_grad_()
     out = ops.detr_match_cost(logits, *args_of(case)[1:])
     assert not out.requires_grad
     assert not [w for w in recwarn if "detr_match_cost" in str(w.message)]  # no fallback warning
+    # "auto" on the CPU: the C++ kernel where rtmdet._C has it, else the reference
+    expected = ops.detr_match_cost(*args_of(case), backend="cpp" if HAS_CPP else "torch")
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    # an extension without the op: the reference, still without a warning
+    monkeypatch.setattr(_backend, "native_ops", lambda: frozenset())
+    out = ops.detr_match_cost(*args_of(case))
     torch.testing.assert_close(out, ops.detr_match_cost(*args_of(case), backend="torch"),
                                rtol=0, atol=0)
+    assert not [w for w in recwarn if "detr_match_cost" in str(w.message)]
 
 
 # ----------------------------------------------------------------------------------------
@@ -320,7 +365,8 @@ def _focal_slack(logits, labels, alpha, gamma, eps, weight, ulps=2):
     """(B, Q, G): how much mmdet's focal cost moves when the fp32 p = sigmoid(x) at the gt's
     label moves by `ulps` ulps either way (0 where |x| >= 20: p is exactly 0 or 1 there)."""
     B, Q, _ = logits.shape
-    x = torch.gather(logits.float(), 2, labels.clamp(min=0)[:, None, :].expand(B, Q, -1))
+    labels = labels.clamp(0, max(logits.shape[2] - 1, 0))  # (padded slots may hold anything)
+    x = torch.gather(logits.float(), 2, labels[:, None, :].expand(B, Q, -1))
 
     def f(p):
         neg = -(1 - p + eps).log() * (1 - alpha) * p.pow(gamma)
@@ -336,26 +382,30 @@ def _focal_slack(logits, labels, alpha, gamma, eps, weight, ulps=2):
     return torch.where(x.abs() >= 20, torch.zeros_like(slack), slack)
 
 
-def assert_kernel_matches(case, weights, out=None, context=""):
-    args = args_of(case)
-    if out is None:
-        out = kernel.detr_match_cost_triton(*args_of(on(case)), **weights)
+def assert_costs_close(out, ref, case, weights, *, rtol, ulps, context=""):
+    """|out - ref| <= rtol * (1 + |ref|), plus for focal the `ulps` slack, on real columns."""
     out = out.cpu()
-    ref = detr_match_cost_ref(*args, **weights)
     assert out.shape == ref.shape and out.dtype == torch.float32
     assert torch.isfinite(out).all(), context
-    tol = 1e-5 * (1 + ref.abs())
+    tol = rtol * (1 + ref.abs())
     if weights.get("cls_cost") == "focal":
         tol = tol + _focal_slack(case["pred_logits"], case["gt_labels"],
                                  weights.get("focal_alpha", 0.25), weights.get("focal_gamma", 2.0),
-                                 weights.get("eps", 1e-12), weights["cls_weight"])
-    bad = (out - ref).abs() > tol
+                                 weights.get("eps", 1e-12), weights["cls_weight"], ulps=ulps)
+    bad = ~((out - ref).abs() <= tol)  # (NaN in ref: bad)
     bad &= case["gt_mask"][:, None, :]  # padded columns: finite (checked above), any value
     if bad.any():
         i = tuple(bad.nonzero()[0].tolist())
         raise AssertionError(f"{context}: {int(bad.sum())} of {bad.numel()} costs differ, e.g. "
-                             f"at {i}: kernel {out[i].item()}, reference {ref[i].item()}")
+                             f"at {i}: got {out[i].item()}, expected {ref[i].item()}")
     return out
+
+
+def assert_kernel_matches(case, weights, out=None, context=""):
+    if out is None:
+        out = kernel.detr_match_cost_triton(*args_of(on(case)), **weights)
+    ref = detr_match_cost_ref(*args_of(case), **weights)
+    return assert_costs_close(out, ref, case, weights, rtol=1e-5, ulps=2, context=context)
 
 
 @pytest.fixture
@@ -397,6 +447,18 @@ def test_kernel_default_blocks_dino_like():
 
 
 @needs_triton
+@pytest.mark.parametrize("G", [1, 16, 17, 33, 64, 65, 129, 193])
+def test_kernel_tiles_sized_to_g(G):
+    """Default TUNING: the launch picks 16/32/64 gts a tile and 1-4 tiles a program from G;
+    every bucket and its edges give the reference's costs (every column written once)."""
+    from rtmdet.kernels.detr_cost import TUNING
+    assert (TUNING["block_g"], TUNING["g_tiles"]) == (64, 4)   # the buckets this test spans
+    case = make_case(20 + G, 2, 3, G, 11, pad=0.3)
+    for weights in (DETR, DINO):
+        assert_kernel_matches(case, weights, context=f"G={G}")
+
+
+@needs_triton
 @pytest.mark.parametrize("params", [dict(focal_alpha=0.0, focal_gamma=0.0),
                                     dict(focal_alpha=1.0, focal_gamma=1.5, eps=1e-6),
                                     dict(focal_alpha=0.4, focal_gamma=2.5, eps=1e-9)])
@@ -424,11 +486,12 @@ def test_kernel_dtypes(small_blocks, dtype):
                                    rtol=0, atol=0)
 
 
-@needs_triton
-def test_kernel_non_contiguous(small_blocks):
-    case = on(make_case(16, 2, 14, 9, 20, pad=0.3))
+def non_contiguous(case):
+    """The same case with every tensor a non-contiguous view of equal values."""
+    B, Q, K = case["pred_logits"].shape
+    device = case["pred_logits"].device
     nc = dict(case)
-    nc["pred_logits"] = torch.randn(2, 20, 14, device=KERNEL_DEVICE).transpose(1, 2)
+    nc["pred_logits"] = torch.randn(B, K, Q, device=device).transpose(1, 2)
     nc["pred_logits"].copy_(case["pred_logits"])
     nc["pred_boxes"] = torch.cat([case["pred_boxes"], case["pred_boxes"]], -1)[..., ::2]
     nc["pred_boxes"][..., :] = case["pred_boxes"]
@@ -437,6 +500,13 @@ def test_kernel_non_contiguous(small_blocks):
     nc["gt_mask"] = torch.stack([case["gt_mask"]] * 3, 1)[:, 2]
     nc["image_sizes"] = case["image_sizes"].t().contiguous().t()
     assert not any(t.is_contiguous() for t in nc.values())
+    return nc
+
+
+@needs_triton
+def test_kernel_non_contiguous(small_blocks):
+    case = on(make_case(16, 2, 14, 9, 20, pad=0.3))
+    nc = non_contiguous(case)
     for weights in (DETR, DINO):
         out = kernel.detr_match_cost_triton(*args_of(nc), **weights)
         contiguous = kernel.detr_match_cost_triton(*args_of(case), **weights)
@@ -468,6 +538,215 @@ def test_opcheck_interpreter(small_blocks):
                               (*args_of(case), focal, 2.0, 5.0, 2.0, 0.25, 2.0, 1e-12),
                               test_utils=("test_schema", "test_faketensor",
                                           "test_autograd_registration"))
+
+
+# ----------------------------------------------------------------------------------------
+# C++ kernel (csrc/cpu/detr_cost_cpu.cpp) vs the reference
+# ----------------------------------------------------------------------------------------
+
+def assert_cpp_matches(case, weights, out=None, context=""):
+    """The C++ cost against the reference (module docstring: CPP_RTOL and a 2-ulp focal slack),
+    padded columns included: both read a padded gt as the zero box with label 0."""
+    if out is None:
+        out = detr_match_cost_cpp(*args_of(case), **weights)
+    pad = ~case["gt_mask"]
+    read = dict(case, gt_boxes=case["gt_boxes"].masked_fill(pad[..., None], 0),
+                gt_labels=case["gt_labels"].masked_fill(pad, 0), gt_mask=~pad | pad)
+    ref = detr_match_cost_ref(*args_of(case), **weights)
+    torch.testing.assert_close(ref, detr_match_cost_ref(*args_of(read), **weights), rtol=0, atol=0)
+    return assert_costs_close(out, ref, read, weights, rtol=CPP_RTOL, ulps=2, context=context)
+
+
+# (B, Q, G, K): one query, one gt, one class, G > Q, several query blocks of 32, DINO-like
+CPP_SHAPES = [(2, 19, 11, 92), (1, 1, 1, 1), (3, 1, 9, 37), (2, 21, 1, 16), (1, 8, 8, 2),
+              (2, 5, 40, 7), (3, 70, 33, 91), (1, 130, 300, 80), (2, 64, 3, 1)]
+
+
+@needs_cpp
+@pytest.mark.parametrize("cls_cost", ["softmax", "focal"])
+@pytest.mark.parametrize("shape", CPP_SHAPES)
+def test_cpp_matches_reference(shape, cls_cost):
+    B, Q, G, K = shape
+    weights = DETR if cls_cost == "softmax" else DINO
+    for seed, pad, scale in ((30, 0.0, 3.0), (31, 0.4, 3.0), (32, 0.2, 12.0)):
+        case = make_case(seed, B, Q, G, K, pad=pad, logit_scale=scale)
+        assert_cpp_matches(case, weights, context=f"{shape} seed {seed}")
+
+
+@needs_cpp
+@pytest.mark.parametrize("kind", ["degenerate", "border", "duplicate", "huge", "point"])
+def test_cpp_special_boxes(kind):
+    for seed in (33, 34):
+        case = make_case(seed, 2, 37, 10, 7, kind=kind, pad=0.2)
+        for weights in (DETR, DINO, dict(DINO, l1_weight=0.0, giou_weight=1.0)):
+            assert_cpp_matches(case, weights, context=f"{kind} seed {seed}")
+
+
+@needs_cpp
+@pytest.mark.parametrize("cls_cost", ["softmax", "focal"])
+def test_cpp_extreme_logits(cls_cost):
+    weights = DETR if cls_cost == "softmax" else DINO
+    case = make_case(35, 4, 40, 9, 13, pad=0.3)
+    x = case["pred_logits"]
+    x[0] = 1e4 * torch.sign(torch.randn(x[0].shape, generator=torch.Generator().manual_seed(0)))
+    x[1] = 0.0  # all equal: softmax 1 / K, sigmoid 1 / 2
+    x[2] = -1e4
+    x[3, :20] = 7.5
+    x[3, 20:] = torch.linspace(-40, 40, 20 * 13).reshape(20, 13)  # through the focal range
+    out = assert_cpp_matches(case, weights, context="extreme logits")
+    if cls_cost == "softmax":  # one row of equal logits: exactly the reference
+        torch.testing.assert_close(out[1], detr_match_cost_ref(*args_of(case), **weights)[1],
+                                   rtol=0, atol=0)
+
+
+@needs_cpp
+@pytest.mark.parametrize("params", [dict(focal_alpha=0.0, focal_gamma=0.0),
+                                    dict(focal_alpha=1.0, focal_gamma=1.5, eps=1e-6),
+                                    dict(focal_alpha=0.4, focal_gamma=2.5, eps=1e-9),
+                                    dict(focal_alpha=0.3, focal_gamma=0.5),
+                                    dict(focal_alpha=0.3, focal_gamma=1.0),
+                                    dict(focal_alpha=0.6, focal_gamma=3.0),
+                                    dict(cls_weight=-1.0, l1_weight=0.0, giou_weight=-0.5)])
+def test_cpp_focal_parameters_and_saturated_logits(params):
+    case = make_case(36, 2, 40, 7, 9, logit_scale=12.0, pad=0.2)
+    case["pred_logits"][0, :4] = torch.tensor([-100.0, -30.0, 30.0, 100.0])[:, None]
+    assert_cpp_matches(case, dict(DINO, **params), context=str(params))
+    assert_cpp_matches(case, dict(DETR, **{k: v for k, v in params.items() if "focal" not in k
+                                           and k != "eps"}), context=f"softmax {params}")
+
+
+@needs_cpp
+@pytest.mark.parametrize("cls_cost", ["softmax", "focal"])
+def test_cpp_padding_garbage_and_unchecked_labels(cls_cost):
+    weights = DETR if cls_cost == "softmax" else DINO
+    case = make_case(37, 3, 35, 12, 9, pad=0.5)
+    g = torch.Generator().manual_seed(1)
+    pad = ~case["gt_mask"]
+    junk = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e38])
+    case["gt_boxes"][pad] = junk[torch.randint(0, 4, (int(pad.sum()), 4), generator=g)]
+    case["gt_labels"][pad] = torch.tensor([-(2 ** 40), -1, 9, 2 ** 40])[
+        torch.randint(0, 4, (int(pad.sum()),), generator=g)]
+    out = ops.detr_match_cost(*args_of(case), backend="cpp", **weights)  # checks pass: padding
+    assert_cpp_matches(case, weights, out=out, context="padding garbage")
+    # real gts with out-of-range labels, value checks off: clamped to [0, K), as the reference
+    real = case["gt_mask"].clone()
+    case["gt_labels"][real] = torch.tensor([-5, 9, 10 ** 6, 3])[
+        torch.randint(0, 4, (int(real.sum()),), generator=g)]
+    with ops.value_checks(False):
+        out = ops.detr_match_cost(*args_of(case), backend="cpp", **weights)
+    assert_cpp_matches(case, weights, out=out, context="unchecked labels")
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_cpp_dtypes(dtype):
+    case = make_case(38, 2, 40, 6, 11, pad=0.3, logit_scale=6.0)
+    low = dict(case)
+    for key in ("pred_logits", "pred_boxes", "gt_boxes", "image_sizes"):
+        low[key] = case[key].to(dtype)
+    low["gt_labels"] = case["gt_labels"].int()
+    # read in place and converted as .float() converts: the result of fp32 copies, bitwise
+    as32 = {k: (v.float() if v.is_floating_point() else v) for k, v in low.items()}
+    for weights in (DETR, DINO):
+        out = ops.detr_match_cost(*args_of(low), backend="cpp", **weights)
+        torch.testing.assert_close(out, detr_match_cost_cpp(*args_of(as32), **weights),
+                                   rtol=0, atol=0)
+        assert_cpp_matches(as32, weights, out=out, context=str(dtype))
+
+
+@needs_cpp
+def test_cpp_non_contiguous():
+    case = make_case(39, 2, 45, 9, 20, pad=0.3)
+    nc = non_contiguous(case)
+    # a slice with a storage offset and an expanded (stride 0) batch
+    offset = torch.randn(3, 45, 20)[1:]
+    offset.copy_(case["pred_logits"])
+    expanded = case["pred_logits"][:1].expand(2, -1, -1)
+    for weights in (DETR, DINO):
+        contiguous = detr_match_cost_cpp(*args_of(case), **weights)
+        torch.testing.assert_close(detr_match_cost_cpp(*args_of(nc), **weights), contiguous,
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            detr_match_cost_cpp(*args_of(dict(case, pred_logits=offset)), **weights),
+            contiguous, rtol=0, atol=0)
+        torch.testing.assert_close(
+            detr_match_cost_cpp(*args_of(dict(case, pred_logits=expanded)), **weights),
+            detr_match_cost_cpp(*args_of(dict(case, pred_logits=expanded.contiguous())),
+                                **weights), rtol=0, atol=0)
+
+
+@needs_cpp
+def test_cpp_threads_and_mask_none():
+    # the same costs with one thread and with the pool (several tasks per image), and with
+    # gt_mask None (= all real) as with an all-True mask
+    case = make_case(40, 3, 200, 25, 30)
+    for weights in (DETR, DINO):
+        pooled = detr_match_cost_cpp(*args_of(case), **weights)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            single = detr_match_cost_cpp(*args_of(case), **weights)
+        finally:
+            torch.set_num_threads(threads)
+        torch.testing.assert_close(pooled, single, rtol=0, atol=0)
+        none = detr_match_cost_cpp(*args_of(case)[:5], None, **weights)
+        torch.testing.assert_close(none, pooled, rtol=0, atol=0)
+
+
+@needs_cpp
+def test_cpp_op_errors():
+    case = make_case(41, 2, 6, 4, 5)
+    op = torch.ops.rtmdet.detr_match_cost
+    rest = (2.0, 5.0, 2.0, 0.25, 2.0, 1e-12)
+    with pytest.raises(RuntimeError, match="cls_cost must be 'softmax' or 'focal'"):
+        op(*args_of(case), "sigmoid", *rest)
+    with pytest.raises(RuntimeError, match="gt_labels must be"):
+        op(*args_of(dict(case, gt_labels=case["gt_labels"][:, :3])), "focal", *rest)
+    with pytest.raises(RuntimeError, match="at least one class"):
+        op(*args_of(dict(case, pred_logits=torch.zeros(2, 6, 0))), "focal", *rest)
+    with pytest.raises(RuntimeError, match="gt_mask must be"):
+        op(*args_of(dict(case, gt_mask=case["gt_mask"].int())), "focal", *rest)
+
+
+@needs_cpp
+def test_cpp_opcheck():
+    case = make_case(42, 2, 9, 6, 5, pad=0.3)
+    case["gt_boxes"] = case["gt_boxes"].nan_to_num(0.0)  # opcheck compares with NaN-free inputs
+    for cls_cost in ("softmax", "focal"):
+        for mask in (case["gt_mask"], None):
+            torch.library.opcheck(torch.ops.rtmdet.detr_match_cost.default,
+                                  (*args_of(case)[:5], mask, cls_cost, 2.0, 5.0, 2.0, 0.25, 2.0,
+                                   1e-12))
+    logits = case["pred_logits"].clone().requires_grad_()  # test_autograd_registration runs
+    args = (logits, *args_of(case)[1:], "focal", 2.0, 5.0, 2.0, 0.25, 2.0, 1e-12)
+    torch.library.opcheck(torch.ops.rtmdet.detr_match_cost.default, args)
+    assert not torch.ops.rtmdet.detr_match_cost(*args).requires_grad  # no gradient, by design
+
+
+@needs_cpp
+@pytest.mark.parametrize("cls_cost", ["softmax", "focal"])
+def test_cpp_matching_is_optimal_for_the_reference(cls_cost):
+    """The matching solved on the C++ costs is optimal for the reference's costs."""
+    from scipy.optimize import linear_sum_assignment
+    weights = DETR if cls_cost == "softmax" else DINO
+    for seed, (B, Q, G) in ((43, (4, 100, 20)), (44, (2, 300, 60)), (45, (3, 15, 40))):
+        case = make_case(seed, B, Q, G, 92 if cls_cost == "softmax" else 80, pad=0.2,
+                         logit_scale=6.0)
+        mask = case["gt_mask"]
+        match = ops.hungarian_match(ops.detr_match_cost(*args_of(case), backend="cpp", **weights),
+                                    mask)
+        ref = detr_match_cost_ref(*args_of(case), **weights).double()
+        for b in range(B):
+            real = mask[b].nonzero()[:, 0]
+            c = ref[b][:, real].numpy()
+            rows, cols = linear_sum_assignment(c)
+            q = (match[b] >= 0).nonzero()[:, 0]
+            assert len(q) == len(rows) and mask[b, match[b, q]].all()
+            total = ref[b][q, match[b, q]].sum().item()
+            optimum = c[rows, cols].sum()
+            scale = abs(c[rows, cols]).sum()
+            # ties and the 1-ulp focal cases may pick another optimum-within-tolerance
+            assert abs(total - optimum) <= 1e-5 * scale, (seed, b, total, optimum)
 
 
 # ----------------------------------------------------------------------------------------

@@ -51,6 +51,13 @@ def _register():
         kept = torch.library.get_ctx().new_dynamic_size()
         return boxes.new_empty((kept,), dtype=torch.long)
 
+    if "detr_match_cost" in _backend.native_ops():  # (an older build may lack it)
+        @torch.library.register_fake(lib + "detr_match_cost")
+        def _(pred_logits, pred_boxes, gt_boxes, gt_labels, image_sizes, gt_mask, cls_cost,
+              cls_weight, l1_weight, giou_weight, focal_alpha, focal_gamma, eps):
+            B, Q, _ = pred_logits.shape
+            return pred_logits.new_empty((B, Q, gt_boxes.shape[1]), dtype=torch.float32)
+
     # Autograd: losses are differentiable w.r.t. logits/scores and pred/target.
     def qfl_setup(ctx, inputs, output):
         logits, labels, scores, beta = inputs
