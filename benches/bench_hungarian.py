@@ -1,6 +1,7 @@
 """Benchmark DETR matching (SPEC section 4): cost + exact one-to-one matching per training step.
 
     python benches/bench_hungarian.py --out DIR [--quick] [--sweep] [--lap-site DIR]
+    python benches/bench_hungarian.py --out DIR --device cpu   # the CPU paths, same cases
 
 Cases (issue 12): DETR (B=16, Q=100, G=7 / 50, softmax cost), Deformable-DETR (B=16, Q=300,
 G=30 / 100, focal), DINO (7 layers x B=16, Q=900, G=20 / 100 / 300, focal). One "step" is
@@ -15,7 +16,8 @@ Methods, all timed on the same inputs in the same run (median over repeats):
               with our torch cost (a lower bound on stock's time), the reason printed
   reference   ops.detr_match_cost(backend="torch") + ops.hungarian_match(backend="torch")
               (scipy per image)
-  cpp         ops.detr_match_cost (Triton) -> host -> ops.hungarian_match(backend="cpp")
+  cpp         ops.detr_match_cost (auto: Triton; C++ with --device cpu) -> host ->
+              ops.hungarian_match(backend="cpp")
   triton      ops.detr_match_cost + ops.hungarian_match (Triton), value checks on (one host sync)
   triton-nochk  the same with ops.set_value_checks(False): no host sync; its GPU time is also
               measured as a CUDA-graph replay of the whole step
@@ -28,6 +30,10 @@ Methods, all timed on the same inputs in the same run (median over repeats):
 "eager ms": CUDA events around the Python call (host work, launches and syncs included);
 "gpu ms": the summed kernel time from torch.profiler (graph replay for triton-nochk).
 Each method's matchings are checked against scipy's optimum on the first layer.
+--device cpu: every tensor on the CPU, wall-clock ms, no Triton methods: stock (mmdet's
+assigner on CPU tensors), reference, cpp (the C++ cost, backend "auto", + the C++ solver),
+cost-only (that cost alone), tla and lap/lapx where installed. On a machine shared with other
+jobs, OMP_NUM_THREADS=1: an intra-op thread waiting on a busy core made medians swing 20x.
 Writes DIR/bench_hungarian.log (the printed text) and DIR/bench_hungarian.json.
 """
 import argparse
@@ -429,6 +435,31 @@ def sweep(cases, quick):
     return table
 
 
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor() or "unknown"
+
+
+def cpu_summary(results):
+    """One line per case: stock, reference, cpp and lapx ms (medians) and stock / cpp."""
+    say("\n## CPU summary (ms per step, median; optimal = every checked matching within 1e-5)")
+    say("| case | stock mmdet ms | reference ms | cpp ms | lapx ms | stock / cpp | optimal |")
+    say("|---|---|---|---|---|---|---|")
+    for name, rows in results.items():
+        stock = rows.get("stock", rows.get("stock-emul"))
+        cells = [f"{rows[m]['eager_ms']:.2f}" if m in rows else "-"
+                 for m in ("stock", "reference", "cpp", "lapx")]
+        if "stock" not in rows and "stock-emul" in rows:
+            cells[0] = f"{rows['stock-emul']['eager_ms']:.2f} (emulated)"
+        ratio = f"{stock['eager_ms'] / rows['cpp']['eager_ms']:.1f}x" if stock and "cpp" in rows else "-"
+        ok = all(r["max_rel_gap"] <= 1e-5 for m, r in rows.items() if m != "cost-only")
+        say(f"| {name} | " + " | ".join(cells) + f" | {ratio} | {'yes' if ok else 'NO'} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
@@ -441,20 +472,29 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also time the Triton tunables (SWEEP)")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="check the script on a CPU machine: one tiny case, Triton interpreted")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cpu: the benchmark's cases with the CPU methods only (no Triton)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     LOG_PATH.append(os.path.join(args.out, "bench_hungarian.log"))
     open(LOG_PATH[0], "w").close()
     global DEVICE, CASES
+    cpu_only = args.device == "cpu" and not args.cpu_smoke  # (the smoke test runs Triton too)
     if args.cpu_smoke:
         DEVICE = "cpu"
         CASES = [("smoke DINO G5", 2, 2, 12, 5, "focal"), ("smoke DETR G4", 1, 2, 8, 4, "softmax")]
+    elif cpu_only:
+        DEVICE = "cpu"
     else:
-        assert torch.cuda.is_available(), "this benchmark needs a CUDA device (or --cpu-smoke)"
+        assert torch.cuda.is_available(), "this benchmark needs a CUDA device (or --device cpu)"
     import triton
-    gpu = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu smoke test"
+    if cpu_only:
+        gpu = f"cpu: {_cpu_name()}, {os.cpu_count()} cores"
+    else:
+        gpu = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu smoke test"
+    backends = ops.backend_info()["cpu_backends" if DEVICE == "cpu" else "cuda_backends"]
     say(f"# bench_hungarian: {gpu}, torch {torch.__version__}, "
-        f"triton {triton.__version__}, backends {ops.backend_info()['cuda_backends']}, "
+        f"triton {triton.__version__}, backends {backends}, "
         f"torch threads {torch.get_num_threads()}")
 
     methods, skipped = {}, {}
@@ -469,11 +509,15 @@ def main():
         methods["cpp"] = cpp
     else:
         skipped["cpp"] = "rtmdet._C has no hungarian_match"
-    methods["triton"] = triton_checked
-    methods["triton-nochk"] = triton_nochk
-    methods["triton-1call"] = triton_one_call
+    if cpu_only:
+        skipped["triton"] = "no Triton on the CPU (--cpu-smoke runs it interpreted)"
+    else:
+        methods["triton"] = triton_checked
+        methods["triton-nochk"] = triton_nochk
+        methods["triton-1call"] = triton_one_call
     methods["cost-only"] = cost_only
-    methods["solve-only"] = solve_only
+    if not cpu_only:
+        methods["solve-only"] = solve_only
     tla, why = tla_method()
     (methods.__setitem__("tla", tla) if tla else skipped.__setitem__("tla", why))
     for site in [None] + list(args.lap_site):
@@ -501,7 +545,8 @@ def main():
 
     sweep_table = sweep(cases, args.quick) if args.sweep else None
 
-    say("\n## targets")
+    if not cpu_only:  # (the targets are the Triton methods')
+        say("\n## targets")
     outside = [m for m in methods if m == "tla" or m.startswith("lap")]
     for name, rows in results.items():
         mine = [m for m in ("triton-nochk", "triton-1call") if m in rows]
@@ -520,6 +565,8 @@ def main():
         if name.endswith("DINO G20"):
             line += f"; whole step {'<' if ours < 1.0 else '>='} 1 ms"
         say(line)
+    if cpu_only:
+        cpu_summary(results)
     with open(os.path.join(args.out, "bench_hungarian.json"), "w") as f:
         json.dump(dict(device=gpu, torch=torch.__version__,
                        results=results, skipped=skipped, sweep=sweep_table,
