@@ -158,11 +158,12 @@ class Trainer:
                  f"accumulate {cfg.accumulate} = effective batch {self.effective_batch}; lr "
                  f"{self.base_lr:.4g}{'' if cfg.lr is not None else ' (0.004 x batch / 256)'}; "
                  f"{self.ipe} steps per epoch; amp {self.amp}, channels_last {self.channels_last}, "
-                 f"compile {cfg.compile}, {cfg.workers} loader workers, device {self.device}")
+                 f"compile {cfg.compile}, {cfg.workers} loader workers, {cfg.augment_backend} augmentation, "
+                 f"device {self.device}")
         if not resumed:
             self.log.write(type="run", effective_batch=self.effective_batch, lr=self.base_lr,
                            world=self.dinfo.world, amp=self.amp, channels_last=self.channels_last,
-                           iters_per_epoch=self.ipe, time=time.time(),
+                           iters_per_epoch=self.ipe, augment_backend=cfg.augment_backend, time=time.time(),
                            train_data=self.splits.train.report, val_data=self.splits.val.report)
         if not resumed and self.dinfo.main:
             (self.out / TASKS).unlink(missing_ok=True)
